@@ -1,0 +1,4 @@
+"""Test utilities shipped with dalle_flax: a local Hub-protocol server and tiny configs.
+
+Example: ``from dalle_flax.testing import LocalHubServer``.
+"""
