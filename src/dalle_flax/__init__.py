@@ -1,0 +1,24 @@
+"""dalle-flax: DALL·E mini / mega text-to-image for JAX/Flax and the Hugging Face ecosystem.
+
+Example::
+
+    from dalle_flax import pipeline
+    pipe = pipeline("text-to-image", model="path/to/dalle-mini-folder")
+    images = pipe("an armchair in the shape of an avocado", seed=0)
+
+Importing the package registers the config, tokenizer and processor classes with
+transformers' ``Auto*`` factories and the "text-to-image" pipeline task. Registration is
+idempotent and does no heavy work (no model is built, nothing is downloaded).
+"""
+
+__version__ = "0.1.0.dev0"
+
+# --- core model (configuration_dalle_mini, modeling_flax_dalle_mini) ---
+
+# --- vqgan (configuration_vqgan, modeling_flax_vqgan) ---
+
+# --- text (text_normalization, tokenization_dalle_mini, processing_dalle_mini) ---
+
+# --- generation ---
+
+# --- pipeline ---
