@@ -1,0 +1,153 @@
+"""Resolve files in a local folder or a Hugging Face Hub repository, and write files atomically.
+
+Example: ``path = resolve_file("dalle-mini/dalle-mini", "config.json", revision="main")``.
+
+Every loader in dalle_flax goes through :func:`resolve_file`, so a folder and a repo id behave
+the same, and the real huggingface_hub download paths (cache, revisions, ``HF_HUB_OFFLINE``,
+``local_files_only``) are used for repo ids. Nothing here downloads at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub
+from huggingface_hub import errors as hf_errors
+
+__all__ = ["HubOptions", "atomic_write", "atomic_write_json", "resolve_file"]
+
+
+@dataclass(frozen=True)
+class HubOptions:
+  """Where and how to look for files; mirrors the keyword arguments of ``from_pretrained``."""
+
+  revision: str | None = None
+  cache_dir: str | os.PathLike | None = None
+  token: str | bool | None = None
+  local_files_only: bool = False
+  force_download: bool = False
+  subfolder: str = ""
+
+  def download_kwargs(self) -> dict[str, Any]:
+    return {
+        "revision": self.revision,
+        "cache_dir": self.cache_dir,
+        "token": self.token,
+        "local_files_only": self.local_files_only,
+        "force_download": self.force_download,
+    }
+
+
+def resolve_file(
+    path_or_repo_id: str | os.PathLike,
+    filename: str,
+    options: HubOptions | None = None,
+    *,
+    required: bool = True,
+) -> Path | None:
+  """Returns the local path of ``filename`` in a folder or Hub repo (downloading it if needed).
+
+  Args:
+    path_or_repo_id: a local folder, or a Hub repo id such as ``"dalle-mini/dalle-mini"``.
+    filename: file name inside the folder / repo (relative to ``options.subfolder``).
+    options: revision, cache and offline settings.
+    required: when False, a missing file returns None instead of raising.
+
+  Returns:
+    The path of the file on local disk, or None when it is absent and not required.
+
+  Raises:
+    FileNotFoundError: the file (or the folder / repo itself) does not exist.
+    OSError: the Hub could not be reached and the file is not cached.
+  """
+  options = options or HubOptions()
+  folder = Path(path_or_repo_id)
+  if folder.is_dir():
+    path = folder / options.subfolder / filename
+    if path.is_file():
+      return path
+    if required:
+      raise FileNotFoundError(
+          f"{filename!r} not found in the folder {str(folder / options.subfolder)!r}; "
+          f"it holds {sorted(p.name for p in (folder / options.subfolder).glob('*'))}."
+      )
+    return None
+  repo_id = str(path_or_repo_id)
+  if folder.exists() or os.sep in repo_id.strip("/").replace("/", "", 1) or repo_id.startswith((".", "/")):
+    raise FileNotFoundError(
+        f"{repo_id!r} is neither an existing local folder nor a Hub repo id of the form "
+        "'owner/name'; check the path."
+    )
+  try:
+    return Path(
+        huggingface_hub.hf_hub_download(
+            repo_id, filename, subfolder=options.subfolder or None, **options.download_kwargs()
+        )
+    )
+  except hf_errors.HFValidationError as e:
+    raise FileNotFoundError(
+        f"{repo_id!r} is neither an existing local folder nor a valid Hub repo id: {e}"
+    ) from None
+  except hf_errors.RepositoryNotFoundError:
+    raise FileNotFoundError(
+        f"Repository {repo_id!r} was not found on {huggingface_hub.constants.ENDPOINT} (or it is "
+        "private and no token was given). Check the name, pass token=..., or give a local folder."
+    ) from None
+  except hf_errors.RevisionNotFoundError:
+    raise FileNotFoundError(
+        f"Revision {options.revision!r} does not exist in {repo_id!r}; pass a branch, tag or "
+        "commit sha that exists."
+    ) from None
+  except hf_errors.EntryNotFoundError:
+    if required:
+      raise FileNotFoundError(
+          f"{filename!r} not found in the Hub repo {repo_id!r} (revision "
+          f"{options.revision or 'main'!r}, subfolder {options.subfolder!r})."
+      ) from None
+    return None
+  except hf_errors.LocalEntryNotFoundError as e:
+    offline = options.local_files_only or huggingface_hub.constants.HF_HUB_OFFLINE
+    if not required and offline:
+      return None
+    if offline:
+      raise FileNotFoundError(
+          f"{filename!r} of {repo_id!r} is not in the local cache and downloads are disabled "
+          "(local_files_only=True or HF_HUB_OFFLINE=1). Download it once while online, or pass "
+          "a local folder."
+      ) from None
+    raise OSError(
+        f"Could not download {filename!r} from {repo_id!r} and it is not cached: {e}. Check the "
+        "network or HF_ENDPOINT, or pass a local folder."
+    ) from None
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+  """Opens a temporary file next to ``path`` and renames it onto ``path`` only on success."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+  """Writes ``obj`` as indented, key-sorted JSON atomically."""
+  with atomic_write(path, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")

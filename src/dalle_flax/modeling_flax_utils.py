@@ -1,0 +1,465 @@
+"""Our Flax model base class: configs, parameters and Hub I/O (transformers 5.x has no Flax).
+
+Example: ``model = FlaxVQGANModel.from_pretrained("dalle-mini/vqgan_imagenet_f16_16384")``.
+
+A subclass provides ``config_class``, ``build_module()`` (the linen module) and
+``init_weights(key)`` (its nested parameter dict); it may override ``config_from_dict`` and
+``convert_checkpoint_params`` to read legacy layouts. The base class gives it
+``from_pretrained`` (folder or repo id; safetensors or flax msgpack, sharded or not),
+``save_pretrained`` (safetensors, sharded past ``max_shard_size``, atomic) and ``push_to_hub``
+(with a model card). Weights are read with safetensors and ``flax.serialization.msgpack_restore``:
+nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+from flax import serialization
+from transformers import PreTrainedConfig
+
+from .hub_utils import HubOptions, atomic_write, atomic_write_json, resolve_file
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CONFIG_NAME",
+    "FlaxPreTrainedModel",
+    "MSGPACK_INDEX_NAME",
+    "MSGPACK_WEIGHTS_NAME",
+    "SAFE_INDEX_NAME",
+    "SAFE_WEIGHTS_NAME",
+    "flatten_params",
+    "unflatten_params",
+]
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+MSGPACK_WEIGHTS_NAME = "flax_model.msgpack"
+MSGPACK_INDEX_NAME = "flax_model.msgpack.index.json"
+_WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, MSGPACK_WEIGHTS_NAME, MSGPACK_INDEX_NAME)
+_SHARD_PATTERN = re.compile(r"^(model|flax_model)-\d{5}-of-\d{5}\.(safetensors|msgpack)$")
+
+
+def flatten_params(tree: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
+  """Flattens a nested parameter dict into ``{"a/b/kernel": array}``."""
+  flat: dict[str, Any] = {}
+
+  def visit(node: Any, prefix: str) -> None:
+    if isinstance(node, Mapping):
+      for key, value in node.items():
+        visit(value, f"{prefix}{sep}{key}" if prefix else str(key))
+    else:
+      flat[prefix] = node
+
+  visit(tree, "")
+  return flat
+
+
+def unflatten_params(flat: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
+  """Inverse of :func:`flatten_params`."""
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split(sep)
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return tree
+
+
+def parse_size(size: int | str) -> int:
+  """Parses ``"10GB"``, ``"500MB"``, ``"2GiB"`` or an int number of bytes."""
+  if isinstance(size, int) and not isinstance(size, bool):
+    if size <= 0:
+      raise ValueError(f"max_shard_size must be positive, got {size}.")
+    return size
+  match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+  if not match:
+    raise ValueError(f"max_shard_size must look like '10GB', '500MB' or an int, got {size!r}.")
+  number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+  scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+  return max(1, int(number * scale))
+
+
+def _corrupted(path: Path, error: Exception) -> OSError:
+  return OSError(
+      f"Could not read the weights file {str(path)!r}: it is truncated or corrupted ({error}). "
+      "Delete it (or pass force_download=True for a Hub repo) and download it again."
+  )
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+  try:
+    with safetensors.safe_open(str(path), framework="numpy") as f:
+      return {key.replace(".", "/"): f.get_tensor(key) for key in f.keys()}
+  except Exception as e:  # safetensors raises SafetensorError / OSError variants
+    raise _corrupted(path, e) from None
+
+
+def _read_msgpack(path: Path) -> dict[str, np.ndarray]:
+  try:
+    state = serialization.msgpack_restore(path.read_bytes())
+  except Exception as e:  # msgpack raises several unrelated exception types on bad input
+    raise _corrupted(path, e) from None
+  if not isinstance(state, Mapping):
+    raise _corrupted(path, TypeError(f"expected a dict of arrays, got {type(state).__name__}"))
+  if set(state) == {"params"}:  # some exports wrap the tree in {"params": ...}
+    state = state["params"]
+  return {k: np.asarray(v) for k, v in flatten_params(state).items()}
+
+
+def _read_index(index_path: Path) -> dict[str, str]:
+  try:
+    index = json.loads(index_path.read_text())
+    weight_map = index["weight_map"]
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise _corrupted(index_path, e) from None
+  return weight_map
+
+
+class FlaxPreTrainedModel:
+  """Holds a config, a linen module and its parameters; loads and saves Hub checkpoints.
+
+  Attributes:
+    config: the model's transformers config.
+    module: the linen module (pure: call ``module.apply({"params": params}, ...)``).
+    params: the nested parameter dict (no ``{"params": ...}`` wrapper), or None when the model
+      was built with ``_do_init=False`` and no parameters were given.
+    dtype: computation dtype; param_dtype: dtype parameters are created in.
+  """
+
+  config_class: ClassVar[type[PreTrainedConfig]]
+  model_card_template: ClassVar[str] = "default.md"
+  main_input_name: ClassVar[str] = "input_ids"
+
+  def __init__(
+      self,
+      config: PreTrainedConfig,
+      params: Mapping[str, Any] | None = None,
+      *,
+      dtype: Any = jnp.float32,
+      param_dtype: Any = jnp.float32,
+      seed: int = 0,
+      _do_init: bool = True,
+  ):
+    if not isinstance(config, self.config_class):
+      raise TypeError(
+          f"{type(self).__name__} expects a {self.config_class.__name__}, got "
+          f"{type(config).__name__}; build one with {self.config_class.__name__}(...) or "
+          f"{type(self).__name__}.from_pretrained(...)."
+      )
+    self.config = config
+    self.dtype = jnp.dtype(dtype)
+    self.param_dtype = jnp.dtype(param_dtype)
+    self.module = self.build_module()
+    if params is None and _do_init:
+      params = self.init_weights(jax.random.key(seed))
+    self._params = params
+
+  # --- to implement in subclasses ---------------------------------------------------------
+  def build_module(self) -> nn.Module:
+    """Returns the linen module built from ``self.config``, ``self.dtype``, ``self.param_dtype``."""
+    raise NotImplementedError(f"{type(self).__name__} must implement build_module()")
+
+  def init_weights(self, key: jax.Array) -> dict[str, Any]:
+    """Returns freshly initialised parameters (a nested dict); pure, usable under eval_shape."""
+    raise NotImplementedError(f"{type(self).__name__} must implement init_weights()")
+
+  @classmethod
+  def config_from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PreTrainedConfig:
+    """Builds the config from a raw ``config.json`` dict (override for legacy layouts)."""
+    return cls.config_class.from_dict(config_dict, **kwargs)
+
+  @classmethod
+  def convert_checkpoint_params(
+      cls, flat: dict[str, np.ndarray], config: PreTrainedConfig
+  ) -> dict[str, np.ndarray]:
+    """Converts ``"/"``-joined checkpoint params to this class's layout (default: unchanged)."""
+    return flat
+
+  # --- parameters ------------------------------------------------------------------------
+  @property
+  def params(self) -> dict[str, Any] | None:
+    return self._params
+
+  @params.setter
+  def params(self, params: Mapping[str, Any] | None) -> None:
+    self._params = params
+
+  @property
+  def params_shape_tree(self) -> dict[str, Any]:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, without allocating anything."""
+    return jax.eval_shape(self.init_weights, jax.random.key(0))
+
+  def num_parameters(self, params: Mapping[str, Any] | None = None) -> int:
+    """Counts parameters of ``params`` (default: the model's, or its shape tree)."""
+    tree = params if params is not None else (self._params or self.params_shape_tree)
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+
+  def _require_params(self, params: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    params = params if params is not None else self._params
+    if params is None:
+      raise ValueError(
+          f"{type(self).__name__} has no parameters (built with _do_init=False); pass params=... "
+          "or load them with from_pretrained(...)."
+      )
+    return params
+
+  # --- loading ---------------------------------------------------------------------------
+  @classmethod
+  def load_config(
+      cls, pretrained_model_name_or_path: str | os.PathLike, options: HubOptions, **config_kwargs: Any
+  ) -> PreTrainedConfig:
+    config_path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, options)
+    try:
+      config_dict = json.loads(Path(config_path).read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{str(config_path)!r} is not valid JSON: {e}.") from None
+    if not isinstance(config_dict, dict):
+      raise ValueError(
+          f"{str(config_path)!r} must hold a JSON object, got {type(config_dict).__name__}."
+      )
+    return cls.config_from_dict(config_dict, **config_kwargs)
+
+  @classmethod
+  def load_checkpoint(
+      cls, pretrained_model_name_or_path: str | os.PathLike, options: HubOptions
+  ) -> tuple[dict[str, np.ndarray], str]:
+    """Reads the first weights file found (safetensors before msgpack); returns (flat, path)."""
+    for name in _WEIGHT_FILES:
+      path = resolve_file(pretrained_model_name_or_path, name, options, required=False)
+      if path is None:
+        continue
+      if not name.endswith(".index.json"):
+        reader = _read_safetensors if name.endswith(".safetensors") else _read_msgpack
+        return reader(path), str(path)
+      weight_map = _read_index(path)
+      reader = _read_safetensors if name.startswith("model.") else _read_msgpack
+      flat: dict[str, np.ndarray] = {}
+      for shard in sorted(set(weight_map.values())):
+        shard_path = resolve_file(pretrained_model_name_or_path, shard, options)
+        flat.update(reader(shard_path))
+      missing = sorted(k for k in weight_map if k.replace(".", "/") not in flat and k not in flat)
+      if missing:
+        raise _corrupted(path, KeyError(f"index lists {len(missing)} keys absent from its shards: {missing[:5]}"))
+      return flat, str(path)
+    raise FileNotFoundError(
+        f"No weights found in {str(pretrained_model_name_or_path)!r}: expected one of "
+        f"{list(_WEIGHT_FILES)}."
+    )
+
+  @classmethod
+  def from_pretrained(
+      cls,
+      pretrained_model_name_or_path: str | os.PathLike,
+      *,
+      revision: str | None = None,
+      cache_dir: str | os.PathLike | None = None,
+      token: str | bool | None = None,
+      local_files_only: bool = False,
+      force_download: bool = False,
+      subfolder: str = "",
+      config: PreTrainedConfig | None = None,
+      dtype: Any = jnp.float32,
+      param_dtype: Any = None,
+      **config_kwargs: Any,
+  ) -> FlaxPreTrainedModel:
+    """Loads a model from a local folder or a Hub repo id.
+
+    Args:
+      pretrained_model_name_or_path: folder with ``config.json`` and weights, or a repo id.
+      revision: branch, tag or commit sha (Hub only).
+      cache_dir: Hub cache folder; token: Hub token; local_files_only: never download.
+      force_download: re-download even if cached; subfolder: folder inside the repo.
+      config: use this config instead of the checkpoint's ``config.json``.
+      dtype: computation dtype. param_dtype: cast floating parameters to this dtype (default:
+        keep the stored dtype).
+      **config_kwargs: override config attributes.
+
+    Returns:
+      The model with ``.params`` loaded.
+    """
+    options = HubOptions(revision, cache_dir, token, local_files_only, force_download, subfolder)
+    if config is None:
+      config = cls.load_config(pretrained_model_name_or_path, options, **config_kwargs)
+    flat, path = cls.load_checkpoint(pretrained_model_name_or_path, options)
+    flat = cls.convert_checkpoint_params(flat, config)
+    stored_dtypes = {np.dtype(v.dtype) for v in flat.values() if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16"}
+    model = cls(
+        config,
+        dtype=dtype,
+        param_dtype=param_dtype or (stored_dtypes.pop() if len(stored_dtypes) == 1 else jnp.float32),
+        _do_init=False,
+    )
+    model.params = model._validate_and_place(flat, path, param_dtype)
+    return model
+
+  def _validate_and_place(
+      self, flat: dict[str, np.ndarray], path: str, param_dtype: Any
+  ) -> dict[str, Any]:
+    expected = flatten_params(self.params_shape_tree)
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(flat[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(flat)
+        if tuple(flat[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or mismatched:
+      lines = [f"Checkpoint {path!r} does not match {type(self).__name__} built from its config:"]
+      for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+        if items:
+          lines.append(f"  {len(items)} {title} parameter(s):")
+          lines.extend(f"    {item}" for item in items)
+      lines.append(
+          "Check that config.json belongs to these weights (layer counts, d_model, vocab sizes, "
+          "use_scan, ln_positions)."
+      )
+      raise ValueError("\n".join(lines))
+    placed: dict[str, Any] = {}
+    for key in list(flat):
+      value = flat.pop(key)  # free host memory as we go (mega is 10 GB in fp32)
+      if param_dtype is not None and jnp.issubdtype(value.dtype, jnp.floating):
+        value = value.astype(jnp.dtype(param_dtype))
+      placed[key] = jnp.asarray(value)
+    return unflatten_params(placed)
+
+  # --- saving ----------------------------------------------------------------------------
+  def save_pretrained(
+      self,
+      save_directory: str | os.PathLike,
+      params: Mapping[str, Any] | None = None,
+      *,
+      max_shard_size: int | str = "10GB",
+      push_to_hub: bool = False,
+      **push_kwargs: Any,
+  ) -> Path:
+    """Writes ``config.json`` and safetensors weights (sharded past ``max_shard_size``).
+
+    Every file is written to a temporary name and renamed into place; weight files of an
+    earlier save that the new one does not use are removed afterwards.
+
+    Returns:
+      The folder written.
+    """
+    params = self._require_params(params)
+    save_directory = Path(save_directory)
+    if save_directory.is_file():
+      raise ValueError(f"save_directory {str(save_directory)!r} is a file; give a folder path.")
+    save_directory.mkdir(parents=True, exist_ok=True)
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten_params(params).items()}
+    written = self._write_safetensors(flat, save_directory, parse_size(max_shard_size))
+    self._save_config(save_directory)
+    self.save_extra_files(save_directory)
+    for stale in save_directory.iterdir():
+      if stale.name not in written and (stale.name in _WEIGHT_FILES or _SHARD_PATTERN.match(stale.name)):
+        stale.unlink()
+    if push_to_hub:
+      repo_id = push_kwargs.pop("repo_id", None) or save_directory.name
+      self.push_to_hub(repo_id, params=params, max_shard_size=max_shard_size, **push_kwargs)
+    return save_directory
+
+  def _save_config(self, save_directory: Path) -> None:
+    config_dict = self.config.to_dict()
+    config_dict["architectures"] = [type(self).__name__]
+    atomic_write_json(save_directory / CONFIG_NAME, config_dict)
+
+  def save_extra_files(self, save_directory: Path) -> None:
+    """Hook for subclasses: write files that travel with the weights (e.g. generation config)."""
+
+  @staticmethod
+  def _write_safetensors(flat: dict[str, np.ndarray], folder: Path, max_bytes: int) -> set[str]:
+    for key in flat:
+      if "." in key:
+        raise ValueError(
+            f"parameter path {key!r} contains '.', which safetensors keys use as the separator; "
+            "rename the module."
+        )
+    tensors = {k.replace("/", "."): v for k, v in flat.items()}
+    metadata = {"format": "flax"}
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key, value in sorted(tensors.items()):
+      if shards[-1] and size + value.nbytes > max_bytes:
+        shards.append({})
+        size = 0
+      shards[-1][key] = value
+      size += value.nbytes
+    if len(shards) == 1:
+      with atomic_write(folder / SAFE_WEIGHTS_NAME) as f:
+        f.write(safetensors.numpy.save(shards[0], metadata=metadata))
+      return {SAFE_WEIGHTS_NAME}
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+      with atomic_write(folder / name) as f:
+        f.write(safetensors.numpy.save(shard, metadata=metadata))
+    weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+    total = int(sum(v.nbytes for v in tensors.values()))
+    atomic_write_json(folder / SAFE_INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return {SAFE_INDEX_NAME, *names}
+
+  def model_card(self, repo_id: str) -> str:
+    """Renders the model card (README.md) for ``repo_id`` from the class's template."""
+    from .model_cards import render_model_card
+
+    return render_model_card(
+        self.model_card_template,
+        repo_id=repo_id,
+        model_class=type(self).__name__,
+        config=self.config,
+        num_parameters=self.num_parameters(),
+    )
+
+  def push_to_hub(
+      self,
+      repo_id: str,
+      *,
+      params: Mapping[str, Any] | None = None,
+      commit_message: str | None = None,
+      private: bool | None = None,
+      token: str | bool | None = None,
+      revision: str | None = None,
+      create_pr: bool = False,
+      max_shard_size: int | str = "10GB",
+      model_card: bool = True,
+  ) -> str:
+    """Saves the model to a temporary folder and uploads it to ``repo_id`` in one commit.
+
+    A ``README.md`` model card (``library_name: dalle-flax``, ``pipeline_tag: text-to-image``)
+    is added unless ``model_card=False``. Returns the commit URL.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token if isinstance(token, str) else None)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and revision != "main":
+      api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dalle-flax-push-") as tmp:
+      self.save_pretrained(tmp, params=params, max_shard_size=max_shard_size)
+      if model_card:
+        (Path(tmp) / "README.md").write_text(self.model_card(repo_id))
+      info = api.upload_folder(
+          repo_id=repo_id,
+          folder_path=tmp,
+          commit_message=commit_message or f"Upload {type(self).__name__}",
+          revision=revision,
+          create_pr=create_pr,
+      )
+    return str(getattr(info, "commit_url", info))
+
