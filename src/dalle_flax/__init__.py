@@ -16,6 +16,12 @@ __version__ = "0.1.0.dev0"
 # --- core model (configuration_dalle_mini, modeling_flax_dalle_mini) ---
 
 # --- vqgan (configuration_vqgan, modeling_flax_vqgan) ---
+from .configuration_vqgan import VQGANConfig
+from .configuration_vqgan import register as _register_vqgan_config
+from .image_utils import from_pil, make_image_grid, to_pil, to_uint8
+from .modeling_flax_vqgan import FlaxVQGANModel
+
+_register_vqgan_config()
 
 # --- text (text_normalization, tokenization_dalle_mini, processing_dalle_mini) ---
 
