@@ -308,6 +308,7 @@ class FlaxPreTrainedModel:
         _do_init=False,
     )
     model.params = model._validate_and_place(flat, path, param_dtype)
+    model.load_extra_files(pretrained_model_name_or_path, options)
     return model
 
   def _validate_and_place(
@@ -382,6 +383,9 @@ class FlaxPreTrainedModel:
 
   def save_extra_files(self, save_directory: Path) -> None:
     """Hook for subclasses: write files that travel with the weights (e.g. generation config)."""
+
+  def load_extra_files(self, pretrained_model_name_or_path: str | os.PathLike, options: HubOptions) -> None:
+    """Hook for subclasses: read the files written by ``save_extra_files`` (optional files)."""
 
   @staticmethod
   def _write_safetensors(flat: dict[str, np.ndarray], folder: Path, max_bytes: int) -> set[str]:
