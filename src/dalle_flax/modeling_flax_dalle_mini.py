@@ -1,0 +1,438 @@
+"""DalleBart in Flax linen (DALL·E mini / mega): encoder, decoder, KV cache and the public model.
+
+Example::
+
+    model = FlaxDalleMiniForConditionalGeneration.from_pretrained("dalle-mini/dalle-mini")
+    encoder_out = model.encode(input_ids, attention_mask)                  # (b, t, d)
+    cache = model.init_cache(model.params, encoder_out, attention_mask)
+    logits, cache = model.decode_step(model.params, start_tokens, jnp.int32(0), cache)
+
+The parameter tree is the one of the released checkpoints (reference §2.9): scanned layers
+under ``layers/FlaxBartEncoderLayers`` with a leading layer axis, or unscanned
+``layers/FlaxBartEncoderLayer_{i}``. Incremental decoding uses an explicit
+:class:`DecoderCache` of plain arrays; cross-attention keys/values are computed once by
+``init_cache``. Every entry point is a method of :class:`DalleBartModule` usable with
+``module.apply({"params": params}, ..., method="decode_step")`` and, on the model object, a
+method taking ``params`` explicitly, so jitted code never closes over parameters.
+
+Differences from the original, on purpose:
+* ``use_swin_position_embeddings``: the learned bias is indexed by the actual query/key
+  positions, so cached decoding equals teacher forcing (the original added the full
+  ``image_length x image_length`` table and only matched teacher forcing at full length).
+* ``ln_positions="postln"``/``"deepnet"`` runs (the original decoder crashed: no ``final_ln``).
+"""
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .layers_dalle_mini import BlockSpec, DecoderLayer, EncoderLayer, make_norm
+
+logger = logging.getLogger(__name__)
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Static, hashable settings of the whole model (built from the config by :func:`model_spec`)."""
+
+  encoder: BlockSpec
+  decoder: BlockSpec
+  encoder_layers: int
+  decoder_layers: int
+  encoder_vocab_size: int
+  image_vocab_size: int
+  encoder_positions: int
+  decoder_positions: int
+  position_offset: int
+  use_absolute_position_embeddings: bool
+  embed_scale: float
+  ln_type: str
+  ln_positions: str
+  force_ln_scale: bool
+  use_final_ln_encoder: bool
+  use_final_ln_decoder: bool
+  use_scan: bool
+  gradient_checkpointing: bool
+  use_final_logits_bias: bool
+  init_std: float
+  dropout: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+
+def model_spec(config: Any, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> ModelSpec:
+  """Resolves a :class:`~dalle_flax.DalleBartConfig` into the static :class:`ModelSpec`."""
+  n, m = config.encoder_layers, config.decoder_layers
+  enc_alpha = dec_alpha = 1.0
+  enc_gain = dec_gain = dec_cross_gain = 1.0
+  if config.use_deepnet_scaling:  # DeepNet (arXiv:2203.00555)
+    enc_alpha, enc_gain = 0.81 * (n**4 * m) ** 0.0625, 0.87 * (n**4 * m) ** -0.0625
+    dec_alpha, dec_gain = (3 * m) ** 0.25, (12 * m) ** -0.25
+    dec_cross_gain = dec_gain
+  elif config.use_subln_init:  # Magneto (arXiv:2210.06423); cross-attention keeps the plain init
+    enc_gain = math.sqrt(math.log(3 * m) * math.log(2 * n) / 3)
+    dec_gain = math.sqrt(math.log(3 * m))
+
+  def block(side: str, alpha: float, gain: float, cross_gain: float) -> BlockSpec:
+    encoder = side == "encoder"
+    positions = config.encoder_positions if encoder else config.decoder_positions
+    return BlockSpec(
+        d_model=config.d_model,
+        num_heads=getattr(config, f"{side}_attention_heads"),
+        ffn_dim=getattr(config, f"{side}_ffn_dim"),
+        ln_positions=config.ln_positions,
+        ln_type=config.ln_type,
+        use_bias=config.use_bias,
+        use_glu=config.use_glu,
+        activation=config.activation_function,
+        use_head_scale=config.use_head_scale,
+        use_cosine_attention=config.use_cosine_attention,
+        tau=float(config.tau_init),
+        use_swin_position_embeddings=config.use_swin_position_embeddings,
+        force_ln_scale=config.force_ln_scale,
+        dropout=float(config.dropout),
+        attention_dropout=float(config.attention_dropout),
+        activation_dropout=float(config.activation_dropout),
+        init_std=float(config.init_std),
+        residual_gain=alpha,
+        attention_init_gain=gain,
+        cross_attention_init_gain=cross_gain,
+        ffn_init_gain=gain,
+        sinkhorn_iters=config.sinkhorn_iters if encoder else 1,
+        query_length=positions,
+        key_length=positions,
+        cross_key_length=config.encoder_positions,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+
+  return ModelSpec(
+      encoder=block("encoder", enc_alpha, enc_gain, enc_gain),
+      decoder=block("decoder", dec_alpha, dec_gain, dec_cross_gain),
+      encoder_layers=n,
+      decoder_layers=m,
+      encoder_vocab_size=config.encoder_vocab_size,
+      image_vocab_size=config.image_vocab_size,
+      encoder_positions=config.encoder_positions,
+      decoder_positions=config.decoder_positions,
+      position_offset=config.position_embedding_offset,
+      use_absolute_position_embeddings=config.use_absolute_position_embeddings,
+      embed_scale=math.sqrt(config.d_model) if config.scale_embedding else 1.0,
+      ln_type=config.ln_type,
+      ln_positions=config.ln_positions,
+      force_ln_scale=config.force_ln_scale,
+      use_final_ln_encoder=config.use_final_ln_encoder,
+      use_final_ln_decoder=config.use_final_ln_decoder,
+      use_scan=bool(config.use_scan),
+      gradient_checkpointing=config.gradient_checkpointing,
+      use_final_logits_bias=config.use_final_logits_bias,
+      init_std=float(config.init_std),
+      dropout=float(config.dropout),
+      dtype=dtype,
+      param_dtype=param_dtype,
+  )
+
+
+@flax.struct.dataclass
+class DecoderCache:
+  """Decoder state for incremental decoding: plain arrays, a valid ``lax.scan`` carry.
+
+  Layer caches are always stacked on a leading layer axis (scanned or not). Keys are stored
+  as the attention uses them (L2-normalised when ``use_cosine_attention``).
+
+  Attributes:
+    self_key / self_value: (layers, b, decoder_positions, heads, head_dim); slot p holds
+      the keys/values of decoder position p once it has been decoded.
+    cross_key / cross_value: (layers, b, t, heads, head_dim), from the encoder output.
+    text_mask: (b, t) bool, True for real text tokens.
+    length: () int32, number of decoder positions written (the next position to decode).
+  """
+
+  self_key: Array
+  self_value: Array
+  cross_key: Array
+  cross_value: Array
+  text_mask: Array
+  length: Array
+
+
+@flax.struct.dataclass
+class DalleBartOutput:
+  """Teacher-forced forward output.
+
+  Attributes:
+    logits: (b, n, image_vocab_size + 1).
+    encoder_last_hidden_state: (b, t, d_model).
+  """
+
+  logits: Array
+  encoder_last_hidden_state: Array
+
+
+def _key_mask(mask: Array) -> Array:
+  return mask.astype(bool)[:, None, None, :]  # (b, 1, 1, t)
+
+
+class EncoderStack(nn.Module):
+  """The encoder layers, scanned (``FlaxBartEncoderLayers``) or unrolled (``..._{i}``)."""
+
+  spec: ModelSpec
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, key_mask: Array) -> Array:
+    spec, num = self.spec, self.spec.encoder_layers
+    layer = EncoderLayer
+    if spec.gradient_checkpointing:
+      layer = nn.remat(layer, prevent_cse=not spec.use_scan)
+    if spec.use_scan:
+      stack = nn.scan(
+          layer,
+          variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast,),
+          length=num,
+      )
+      x, _ = stack(spec.encoder, spec.ln_positions == "postln", True, self.deterministic,
+                   name="FlaxBartEncoderLayers")(x, key_mask)
+      return x
+    for i in range(num):
+      x, _ = layer(spec.encoder, _adds_norm(spec, i, num), i != num - 1, self.deterministic,
+                   name=f"FlaxBartEncoderLayer_{i}")(x, key_mask)
+    return x
+
+
+def _adds_norm(spec: ModelSpec, i: int, num: int) -> bool:
+  """Unrolled layers end with a norm for postln, and every 6th layer (not the last) for swinv2."""
+  return spec.ln_positions == "postln" or (spec.ln_positions == "swinv2" and (i + 1) % 6 == 0 and i != num - 1)
+
+
+# Positional arguments after the carry, per decoder mode: broadcast or sliced per layer.
+_DECODER_IN_AXES = {
+    "full": (nn.broadcast,) * 4,  # encoder_out, text_mask, self_mask, positions
+    "cross_kv": (),
+    "cached": (0, 0, 0, 0, nn.broadcast, nn.broadcast),  # past k/v, cross k/v, text_mask, position
+}
+
+
+class DecoderStack(nn.Module):
+  """The decoder layers; ``mode`` selects the entry point of :class:`DecoderLayer`."""
+
+  spec: ModelSpec
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, mode: str, x: Array, *args: Any) -> tuple[Array, Any]:
+    spec, num = self.spec, self.spec.decoder_layers
+    layer = DecoderLayer
+    if spec.gradient_checkpointing and mode == "full":  # remat only matters for training
+      layer = nn.remat(layer, prevent_cse=not spec.use_scan)
+    if spec.use_scan:
+      stack = nn.scan(
+          layer,
+          variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=_DECODER_IN_AXES[mode],
+          length=num,
+      )
+      return stack(spec.decoder, spec.ln_positions == "postln", True, self.deterministic, mode,
+                   name="FlaxBartDecoderLayers")(x, *args)
+    outputs = []
+    sliced = len([a for a in _DECODER_IN_AXES[mode] if a == 0])
+    for i in range(num):
+      layer_args = [a[i] for a in args[:sliced]] + list(args[sliced:])
+      x, out = layer(spec.decoder, _adds_norm(spec, i, num), i != num - 1, self.deterministic, mode,
+                     name=f"FlaxBartDecoderLayer_{i}")(x, *layer_args)
+      outputs.append(out)
+    stacked = None if outputs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+    return x, stacked
+
+
+class Encoder(nn.Module):
+  """Text encoder: token + position embeddings, layernorm_embedding, layers, final_ln."""
+
+  spec: ModelSpec
+  deterministic: bool = True
+
+  def setup(self) -> None:
+    spec = self.spec
+    init = jax.nn.initializers.normal(spec.init_std)
+    d = spec.encoder.d_model
+    self.embed_tokens = nn.Embed(spec.encoder_vocab_size, d, embedding_init=init, dtype=spec.dtype,
+                                 param_dtype=spec.param_dtype)
+    if spec.use_absolute_position_embeddings:
+      self.embed_positions = nn.Embed(spec.encoder_positions + spec.position_offset, d, embedding_init=init,
+                                      dtype=spec.dtype, param_dtype=spec.param_dtype)
+    self.layernorm_embedding = make_norm(spec.ln_type, True, None, spec.dtype, spec.param_dtype)
+    self.layers = EncoderStack(spec, self.deterministic)
+    if spec.use_final_ln_encoder and spec.ln_positions != "postln":  # postln ends each layer with a norm
+      self.final_ln = make_norm(spec.ln_type, spec.force_ln_scale, None, spec.dtype, spec.param_dtype)
+    self.dropout_layer = nn.Dropout(spec.dropout)
+
+  def __call__(self, input_ids: Array, attention_mask: Array) -> Array:
+    """(b, t) ids and mask -> (b, t, d) encoder states."""
+    x = self.embed_tokens(input_ids) * self.spec.embed_scale  # (b, t, d)
+    if self.spec.use_absolute_position_embeddings:
+      x = x + self.embed_positions(jnp.arange(input_ids.shape[1]) + self.spec.position_offset)
+    x = self.dropout_layer(self.layernorm_embedding(x), deterministic=self.deterministic)
+    x = self.layers(x, _key_mask(attention_mask))
+    return self.final_ln(x) if hasattr(self, "final_ln") else x
+
+
+class Decoder(nn.Module):
+  """Image-token decoder: embeddings, layers, final_ln (hidden states; lm_head is outside)."""
+
+  spec: ModelSpec
+  deterministic: bool = True
+
+  def setup(self) -> None:
+    spec = self.spec
+    init = jax.nn.initializers.normal(spec.init_std)
+    d = spec.decoder.d_model
+    self.embed_tokens = nn.Embed(spec.image_vocab_size + 1, d, embedding_init=init, dtype=spec.dtype,
+                                 param_dtype=spec.param_dtype)
+    if spec.use_absolute_position_embeddings:
+      self.embed_positions = nn.Embed(spec.decoder_positions + spec.position_offset, d, embedding_init=init,
+                                      dtype=spec.dtype, param_dtype=spec.param_dtype)
+    self.layernorm_embedding = make_norm(spec.ln_type, True, None, spec.dtype, spec.param_dtype)
+    self.layers = DecoderStack(spec, self.deterministic)
+    if spec.use_final_ln_decoder and spec.ln_positions != "postln":
+      self.final_ln = make_norm(spec.ln_type, spec.force_ln_scale, None, spec.dtype, spec.param_dtype)
+    self.dropout_layer = nn.Dropout(spec.dropout)
+
+  def _embed(self, ids: Array, positions: Array) -> Array:
+    x = self.embed_tokens(ids) * self.spec.embed_scale  # (b, n, d)
+    if self.spec.use_absolute_position_embeddings:
+      x = x + self.embed_positions(positions + self.spec.position_offset)
+    return self.dropout_layer(self.layernorm_embedding(x), deterministic=self.deterministic)
+
+  def _final(self, x: Array) -> Array:
+    return self.final_ln(x) if hasattr(self, "final_ln") else x
+
+  def __call__(self, ids: Array, encoder_out: Array, text_mask: Array, self_mask: Array | None) -> Array:
+    """Teacher forcing from position 0: (b, n) ids -> (b, n, d) hidden states."""
+    positions = jnp.arange(ids.shape[1])
+    self_mask = None if self_mask is None else _key_mask(self_mask)
+    x, _ = self.layers("full", self._embed(ids, positions), encoder_out, _key_mask(text_mask), self_mask, positions)
+    return self._final(x)
+
+  def cross_kv(self, encoder_out: Array) -> tuple[Array, Array]:
+    """(b, t, d) -> cross-attention keys, values (layers, b, t, h, hd)."""
+    _, kv = self.layers("cross_kv", encoder_out)
+    return kv
+
+  def cached(self, ids: Array, position: Array, cache: DecoderCache) -> tuple[Array, Array, Array]:
+    """A chunk of c tokens at positions ``position + arange(c)`` against the cache.
+
+    Returns:
+      hidden states (b, c, d) and the chunk's self-attention keys, values (layers, b, c, h, hd).
+    """
+    x = self._embed(ids, position + jnp.arange(ids.shape[1]))
+    x, (keys, values) = self.layers(
+        "cached", x, cache.self_key, cache.self_value, cache.cross_key, cache.cross_value,
+        _key_mask(cache.text_mask), position)
+    return self._final(x), keys, values
+
+
+class BartModel(nn.Module):
+  """Holds ``encoder`` and ``decoder`` (the ``model/`` scope of the checkpoints)."""
+
+  spec: ModelSpec
+  deterministic: bool = True
+
+  def setup(self) -> None:
+    self.encoder = Encoder(self.spec, self.deterministic)
+    self.decoder = Decoder(self.spec, self.deterministic)
+
+
+class DalleBartModule(nn.Module):
+  """DalleBart: text ids -> encoder states -> image-token logits (``image_vocab_size + 1``).
+
+  Entry points (all usable with ``module.apply(variables, ..., method=name)``):
+  ``__call__`` (teacher forcing), ``encode``, ``decode``, ``init_cache``, ``decode_chunk``,
+  ``decode_step``. Logits are in the compute dtype.
+  """
+
+  spec: ModelSpec
+  deterministic: bool = True
+
+  def setup(self) -> None:
+    spec = self.spec
+    self.model = BartModel(spec, self.deterministic)
+    self.lm_head = nn.Dense(spec.image_vocab_size + 1, use_bias=False, dtype=spec.dtype,
+                            param_dtype=spec.param_dtype,
+                            kernel_init=jax.nn.initializers.normal(spec.init_std))
+    if spec.use_final_logits_bias:  # 2021 seed model
+      self.final_logits_bias = self.param("final_logits_bias", jax.nn.initializers.zeros,
+                                          (1, spec.image_vocab_size + 1), spec.param_dtype)
+
+  def _logits(self, hidden: Array) -> Array:
+    logits = self.lm_head(hidden)  # (b, n, v)
+    if self.spec.use_final_logits_bias:
+      logits = logits + self.final_logits_bias.astype(logits.dtype)
+    return logits
+
+  def __call__(self, input_ids: Array, attention_mask: Array, decoder_input_ids: Array,
+               decoder_attention_mask: Array | None = None) -> DalleBartOutput:
+    encoder_out = self.encode(input_ids, attention_mask)
+    logits = self.decode(decoder_input_ids, encoder_out, attention_mask, decoder_attention_mask)
+    return DalleBartOutput(logits=logits, encoder_last_hidden_state=encoder_out)
+
+  def encode(self, input_ids: Array, attention_mask: Array) -> Array:
+    """(b, t) int ids, (b, t) mask -> (b, t, d) encoder output."""
+    return self.model.encoder(input_ids, attention_mask)
+
+  def decode(self, decoder_input_ids: Array, encoder_out: Array, attention_mask: Array,
+             decoder_attention_mask: Array | None = None) -> Array:
+    """Teacher forcing from position 0: (b, n) ids -> (b, n, v) logits."""
+    hidden = self.model.decoder(decoder_input_ids, encoder_out, attention_mask, decoder_attention_mask)
+    return self._logits(hidden)
+
+  def init_cache(self, encoder_out: Array, attention_mask: Array) -> DecoderCache:
+    """Empty self-attention cache and cross-attention keys/values computed once."""
+    spec = self.spec.decoder
+    cross_key, cross_value = self.model.decoder.cross_kv(encoder_out)
+    shape = (self.spec.decoder_layers, encoder_out.shape[0], self.spec.decoder_positions,
+             spec.num_heads, spec.head_dim)
+    return DecoderCache(
+        self_key=jnp.zeros(shape, cross_key.dtype),
+        self_value=jnp.zeros(shape, cross_value.dtype),
+        cross_key=cross_key,
+        cross_value=cross_value,
+        text_mask=attention_mask.astype(bool),
+        length=jnp.zeros((), jnp.int32),
+    )
+
+  def decode_chunk(self, tokens: Array, position: Array, cache: DecoderCache) -> tuple[Array, DecoderCache]:
+    """Decodes c tokens at positions ``position .. position + c - 1`` and writes them to the cache.
+
+    Args:
+      tokens: (b, c) int32 decoder input ids.
+      position: () int32, may be traced; ``position + c`` must not exceed the cache length.
+      cache: from :meth:`init_cache` (or a previous step).
+
+    Returns:
+      logits (b, c, v) and the updated cache (``length = position + c``).
+    """
+    position = jnp.asarray(position, jnp.int32)
+    hidden, keys, values = self.model.decoder.cached(tokens, position, cache)
+    start = (0, 0, position, 0, 0)
+    cache = cache.replace(
+        self_key=jax.lax.dynamic_update_slice(cache.self_key, keys.astype(cache.self_key.dtype), start),
+        self_value=jax.lax.dynamic_update_slice(cache.self_value, values.astype(cache.self_value.dtype), start),
+        length=position + tokens.shape[1],
+    )
+    return self._logits(hidden), cache
+
+  def decode_step(self, token: Array, position: Array, cache: DecoderCache) -> tuple[Array, DecoderCache]:
+    """One token per row: (b,) ids at scalar ``position`` -> logits (b, v) and updated cache."""
+    logits, cache = self.decode_chunk(token[:, None], position, cache)
+    return logits[:, 0], cache
