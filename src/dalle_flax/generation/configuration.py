@@ -158,8 +158,6 @@ def _validate(config: GenerationConfig, *, image_length: int, vocab_size: int) -
   top_k = 0 if config.top_k is None else config.top_k
   if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
     raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {config.top_k!r}.")
-  if top_k > vocab_size:
-    raise ValueError(f"top_k must be <= the vocabulary size {vocab_size}, got {top_k}.")
   scale = config.guidance_scale
   if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
     raise ValueError(f"guidance_scale must be a finite number, got {scale!r}.")

@@ -229,7 +229,7 @@ class GenerationMixin:
         token=jnp.full((n,), start_id, jnp.int32), sequences=sequences,
         finished=jnp.zeros((n,), bool), cache=cache, row_keys=_row_keys(n, prng_key, seed))
     spec = LoopSpec(
-        decode_step=self.decode_step, do_sample=bool(gen.do_sample), top_k=int(gen.top_k or 0),
+        decode_step=self.decode_step, do_sample=bool(gen.do_sample), top_k=min(int(gen.top_k or 0), vocab),  # as transformers: k capped at the vocabulary
         guidance=guidance, eos_token_id=eos if eos is not None and 0 <= eos < vocab else None,
         pad_token_id=int(pad_id), logits_processors=tuple(logits_processor or ()))
     knobs = SamplingKnobs(

@@ -1,0 +1,205 @@
+"""generate() mechanics with a fake model (flax lm1b style): keys, guidance, settings, retracing."""
+
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import struct
+
+from dalle_flax.generation import GenerationMixin, apply_guidance, sample_token, top_p_mask
+from dalle_flax.generation.sampling import SamplingKnobs
+
+VOCAB = 10  # ids 0..7 are "codes", 8 is the start token, 9 is eos/pad
+LENGTH = 6
+TRACES = {"decode_step": 0}
+
+
+@struct.dataclass
+class FakeCache:
+  bias: jax.Array  # (rows, vocab): fixed per row, from the "encoder"
+
+
+class FakeModel(GenerationMixin):
+  """Predicts logits = one_hot(token + 1) * 5 + bias(prompt) + position wobble."""
+
+  def __init__(self):
+    self.config = SimpleNamespace(
+        image_vocab_size=VOCAB - 1, image_length=LENGTH, max_text_length=4,
+        decoder_start_token_id=8, bos_token_id=9, eos_token_id=9, pad_token_id=9, do_sample=True)
+    self.params = {"w": jnp.linspace(-1.0, 1.0, VOCAB)}
+
+  def _require_params(self, params):
+    return self.params if params is None else params
+
+  def encode(self, input_ids, attention_mask, params):
+    return (input_ids * attention_mask)[..., None].astype(jnp.float32)  # (b, t, 1)
+
+  def init_cache(self, params, encoder_out, text_mask):
+    total = encoder_out[..., 0].sum(-1, keepdims=True)  # (rows, 1)
+    return FakeCache(bias=jnp.sin(total * params["w"]))
+
+  def decode_step(self, params, token, position, cache):
+    TRACES["decode_step"] += 1
+    logits = jax.nn.one_hot((token + 1) % VOCAB, VOCAB) * 5.0 + cache.bias
+    return logits + 0.1 * jnp.cos(position * params["w"]), cache
+
+
+@pytest.fixture
+def model():
+  return FakeModel()
+
+
+IDS = np.array([[0, 5, 6, 2], [0, 7, 2, 1], [0, 3, 3, 2]], np.int32)
+MASK = (IDS != 1).astype(np.int32)
+
+
+def test_shapes_and_start_token(model):
+  out = model.generate(IDS, MASK, seed=0)
+  assert out.sequences.shape == (3, 1 + LENGTH) and out.sequences.dtype == jnp.int32
+  assert (np.asarray(out.sequences[:, 0]) == 8).all()
+  assert out.image_tokens.shape == (3, LENGTH)
+  out = model.generate(IDS, MASK, seed=0, num_return_sequences=2)
+  assert out.sequences.shape == (6, 1 + LENGTH)
+
+
+def test_default_suppresses_undecodable_ids(model):
+  for seed in range(5):
+    tokens = np.asarray(model.generate(IDS, MASK, seed=seed, top_k=0, temperature=5.0).image_tokens)
+    assert tokens.max() < 8
+  assert model.generation_config.suppress_tokens == [8, 9]
+
+
+def test_greedy_equals_top_k_1(model):
+  greedy = model.generate(IDS, MASK, do_sample=False).sequences
+  top1 = model.generate(IDS, MASK, top_k=1, seed=3).sequences
+  np.testing.assert_array_equal(greedy, top1)
+  # the fake model predicts token + 1 whenever that id is allowed
+  seq = np.asarray(greedy)[:, 1:]
+  follows = (seq[:, 1:] == seq[:, :-1] + 1) | (seq[:, :-1] + 1 >= 8)
+  assert follows.all()
+
+
+def test_eos_then_pad_bookkeeping(model):
+  # with nothing suppressed the fake model walks 8 -> 9 (eos) -> pad ...
+  seq = np.asarray(model.generate(IDS, MASK, do_sample=False, suppress_tokens=[]).sequences)
+  assert (seq[:, 1] == 9).all() and (seq[:, 2:] == 9).all()
+
+
+def test_seeds_and_batch_independence(model):
+  a = np.asarray(model.generate(IDS, MASK, seed=1, temperature=3.0).sequences)
+  b = np.asarray(model.generate(IDS, MASK, seed=1, temperature=3.0).sequences)
+  c = np.asarray(model.generate(IDS, MASK, seed=2, temperature=3.0).sequences)
+  np.testing.assert_array_equal(a, b)
+  assert (a != c).any()
+  # image i with per-image seeds does not depend on the other images of the call
+  seeds = [11, 12, 13]
+  together = np.asarray(model.generate(IDS, MASK, seed=seeds, temperature=3.0).sequences)
+  for i in range(3):
+    alone = np.asarray(model.generate(IDS[i : i + 1], MASK[i : i + 1], seed=[seeds[i]], temperature=3.0).sequences)
+    np.testing.assert_array_equal(alone[0], together[i])
+  # a single key: image i uses fold_in(key, i), so prefixes of the batch agree
+  key = jax.random.key(5)
+  full = np.asarray(model.generate(IDS, MASK, prng_key=key, temperature=3.0).sequences)
+  first = np.asarray(model.generate(IDS[:1], MASK[:1], prng_key=key, temperature=3.0).sequences)
+  np.testing.assert_array_equal(first[0], full[0])
+
+
+def test_guidance_matches_hand_computed_logits(model):
+  params = model.params
+  cond_cache = model.init_cache(params, model.encode(jnp.asarray(IDS[:1]), jnp.asarray(MASK[:1]), params), None)
+  neg = np.array([[0, 2, 1, 1]], np.int32)
+  uncond_cache = model.init_cache(params, model.encode(jnp.asarray(neg), (neg != 1).astype(np.int32), params), None)
+  token, expected = jnp.array([8]), [8]
+  for position in range(LENGTH):
+    lc, _ = model.decode_step(params, token, position, cond_cache)
+    lu, _ = model.decode_step(params, token, position, uncond_cache)
+    guided = lu + 3.0 * (lc - lu)
+    guided = guided.at[:, 8:].set(-jnp.inf)
+    token = jnp.argmax(guided, axis=-1)
+    expected.append(int(token[0]))
+  got = model.generate(IDS[:1], MASK[:1], do_sample=False, guidance_scale=3.0).sequences
+  assert list(np.asarray(got[0])) == expected
+  alias = model.generate(IDS[:1], MASK[:1], do_sample=False, condition_scale=3.0,
+                         input_ids_uncond=neg, attention_mask_uncond=(neg != 1).astype(np.int32)).sequences
+  np.testing.assert_array_equal(alias, got)
+
+
+def test_no_retrace_when_scalars_change(model):
+  model.generate(IDS, MASK, seed=0, temperature=1.0, guidance_scale=3.0, top_p=0.9)
+  before = TRACES["decode_step"]
+  for temperature, scale, top_p in [(0.5, 10.0, 0.5), (2.0, 1.5, 1.0), (0.7, 4.0, 0.95)]:
+    model.generate(IDS, MASK, seed=1, temperature=temperature, guidance_scale=scale, top_p=top_p)
+  assert TRACES["decode_step"] == before
+
+
+def test_trace_false_matches_jit(model):
+  jitted = model.generate(IDS, MASK, seed=4, guidance_scale=2.0, temperature=2.0).sequences
+  eager = model.generate(IDS, MASK, seed=4, guidance_scale=2.0, temperature=2.0, trace=False).sequences
+  np.testing.assert_array_equal(jitted, eager)
+
+
+def test_callback_chunks_do_not_change_tokens(model):
+  calls = []
+  plain = model.generate(IDS, MASK, seed=9, temperature=2.0).sequences
+  chunked = model.generate(IDS, MASK, seed=9, temperature=2.0, callback_steps=4,
+                           callback=lambda s, t: calls.append((s, t.shape))).sequences
+  np.testing.assert_array_equal(plain, chunked)
+  assert calls == [(4, (3, 4)), (6, (3, 6))]
+
+
+def test_logits_processor_is_applied(model):
+  def only_code_3(sequences, logits, cur_len):
+    return jnp.where(jnp.arange(VOCAB) == 3, logits, -jnp.inf)
+
+  seq = np.asarray(model.generate(IDS, MASK, seed=0, logits_processor=[only_code_3]).image_tokens)
+  assert (seq == 3).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
+        ({"top_p": 1.5}, ValueError, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -1}, ValueError, "top_k must be an int >= 0"),
+        ({"foo": 1}, TypeError, r"unknown argument\(s\) \['foo'\]"),
+        ({"do_sample": False, "num_return_sequences": 2}, ValueError, "num_return_sequences"),
+        ({"num_beams": 4}, ValueError, "Beam search is not supported"),
+        ({"max_length": 3}, ValueError, "max_length must be 1 \\+ image_length"),
+        ({"guidance_scale": float("nan")}, ValueError, "guidance_scale must be a finite number"),
+        ({"seed": 1, "prng_key": jax.random.key(0)}, ValueError, "either prng_key or seed"),
+        ({"condition_scale": 2.0, "guidance_scale": 3.0}, ValueError, "Got both 'condition_scale'"),
+    ],
+)
+def test_invalid_settings_raise(model, kwargs, error, match):
+  with pytest.raises(error, match=match):
+    model.generate(IDS, MASK, **kwargs)
+
+
+def test_bad_inputs_raise(model):
+  with pytest.raises(ValueError, match="max_text_length is 4"):
+    model.generate(np.zeros((1, 5), np.int32))
+  with pytest.raises(ValueError, match="integer array"):
+    model.generate(np.zeros((1, 4), np.float32))
+
+
+def test_top_p_mask_keeps_crossing_token():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  kept = np.isfinite(np.asarray(top_p_mask(logits, jnp.float32(0.7))))
+  assert kept.tolist() == [[True, True, False, False]]
+  kept = np.isfinite(np.asarray(top_p_mask(logits, jnp.float32(0.1))))
+  assert kept.tolist() == [[True, False, False, False]]
+
+
+def test_sample_token_respects_top_k():
+  logits = jnp.tile(jnp.arange(10.0), (64, 1))
+  keys = jax.random.split(jax.random.key(0), 64)
+  knobs = SamplingKnobs(jnp.float32(100.0), jnp.float32(1.0), jnp.float32(1.0))
+  tokens = np.asarray(sample_token(keys, logits, knobs, top_k=3))
+  assert set(tokens.tolist()) <= {7, 8, 9} and len(set(tokens.tolist())) == 3
+
+
+def test_apply_guidance_formula():
+  c, u = jnp.array([2.0]), jnp.array([1.0])
+  assert float(apply_guidance(c, u, jnp.float32(10.0))[0]) == 11.0
