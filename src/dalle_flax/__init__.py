@@ -24,6 +24,12 @@ from .modeling_flax_vqgan import FlaxVQGANModel
 _register_vqgan_config()
 
 # --- text (text_normalization, tokenization_dalle_mini, processing_dalle_mini) ---
+from .processing_dalle_mini import DalleMiniProcessor
+from .processing_dalle_mini import register as _register_text_classes
+from .text_normalization import TextNormalizer
+from .tokenization_dalle_mini import DalleBartTokenizer
+
+_register_text_classes()
 
 # --- generation ---
 
