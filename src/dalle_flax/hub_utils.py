@@ -105,13 +105,7 @@ def resolve_file(
         f"Revision {options.revision!r} does not exist in {repo_id!r}; pass a branch, tag or "
         "commit sha that exists."
     ) from None
-  except hf_errors.EntryNotFoundError:
-    if required:
-      raise FileNotFoundError(
-          f"{filename!r} not found in the Hub repo {repo_id!r} (revision "
-          f"{options.revision or 'main'!r}, subfolder {options.subfolder!r})."
-      ) from None
-    return None
+  # LocalEntryNotFoundError subclasses EntryNotFoundError: it must be caught first.
   except hf_errors.LocalEntryNotFoundError as e:
     offline = options.local_files_only or huggingface_hub.constants.HF_HUB_OFFLINE
     if not required and offline:
@@ -126,6 +120,13 @@ def resolve_file(
         f"Could not download {filename!r} from {repo_id!r} and it is not cached: {e}. Check the "
         "network or HF_ENDPOINT, or pass a local folder."
     ) from None
+  except hf_errors.EntryNotFoundError:
+    if required:
+      raise FileNotFoundError(
+          f"{filename!r} not found in the Hub repo {repo_id!r} (revision "
+          f"{options.revision or 'main'!r}, subfolder {options.subfolder!r})."
+      ) from None
+    return None
 
 
 @contextlib.contextmanager

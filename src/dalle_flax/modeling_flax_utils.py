@@ -464,6 +464,8 @@ class FlaxPreTrainedModel:
           commit_message=commit_message or f"Upload {type(self).__name__}",
           revision=revision,
           create_pr=create_pr,
+          # weights of an earlier push (e.g. a single file replaced by shards) would shadow ours
+          delete_patterns=["*.safetensors", "*.msgpack", "*.index.json"],
       )
     return str(getattr(info, "commit_url", info))
 

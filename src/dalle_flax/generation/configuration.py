@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from transformers import GenerationConfig
 
 __all__ = [
@@ -83,11 +84,22 @@ def pop_generation_aliases(kwargs: dict[str, Any]) -> dict[str, Any]:
   for old, new in {**_KWARG_ALIASES, **_INPUT_ALIASES}.items():
     if old in kwargs:
       value = kwargs.pop(old)
-      if kwargs.get(new) is not None:
-        raise ValueError(f"Got both {old!r} and its alias {new!r}; pass only {new!r}.")
-      kwargs[new] = value
+      other = kwargs.get(new)
+      if other is not None and value is not None and not _same(value, other):
+        raise ValueError(f"Got both {old!r} and its alias {new!r} with different values; pass only {new!r}.")
+      kwargs[new] = value if value is not None else other
       renamed[old] = new
   return renamed
+
+
+def _same(a: Any, b: Any) -> bool:
+  """True when two alias values agree (the processor returns both names for the same array)."""
+  if a is b:
+    return True
+  try:
+    return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+  except (TypeError, ValueError):
+    return False
 
 
 def resolve_generation_config(
