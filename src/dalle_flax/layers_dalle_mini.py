@@ -414,3 +414,87 @@ class DecoderLayer(nn.Module):
     if self.add_norm:
       x = norm(self.use_scale or spec.force_ln_scale)(x)
     return x, (tuple(new_kv) if self.mode == "cached" else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class StackSpec:
+  """How a stack of identical layers is laid out.
+
+  Attributes:
+    block: the layers' settings. num_layers: depth.
+    use_scan: ``nn.scan`` with params stacked on a leading axis (``FlaxBart*Layers``) instead
+      of unrolled ``FlaxBart*Layer_{i}``.
+    remat: rematerialise each layer in the backward pass (``gradient_checkpointing``).
+  """
+
+  block: BlockSpec
+  num_layers: int
+  use_scan: bool
+  remat: bool
+
+
+def adds_norm(ln_positions: str, i: int, num: int) -> bool:
+  """Unrolled layers end with a norm for postln, and every 6th layer (not the last) for swinv2."""
+  return ln_positions == "postln" or (ln_positions == "swinv2" and (i + 1) % 6 == 0 and i != num - 1)
+
+
+class EncoderStack(nn.Module):
+  """The encoder layers, scanned (``FlaxBartEncoderLayers``) or unrolled (``..._{i}``)."""
+
+  stack: StackSpec
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, key_mask: Array) -> Array:
+    """(b, t, d) and a (b, 1, 1, t) bool key mask -> (b, t, d)."""
+    block, num = self.stack.block, self.stack.num_layers
+    layer = nn.remat(EncoderLayer, prevent_cse=not self.stack.use_scan) if self.stack.remat else EncoderLayer
+    if self.stack.use_scan:
+      # Scanned layers all carry a scaled end norm (postln); the original did the same.
+      scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast,), length=num)
+      x, _ = scanned(block, block.ln_positions == "postln", True, self.deterministic,
+                     name="FlaxBartEncoderLayers")(x, key_mask)
+      return x
+    for i in range(num):
+      x, _ = layer(block, adds_norm(block.ln_positions, i, num), i != num - 1, self.deterministic,
+                   name=f"FlaxBartEncoderLayer_{i}")(x, key_mask)
+    return x
+
+
+# Positional arguments after the carry, per decoder mode: broadcast, or sliced per layer (0).
+DECODER_IN_AXES = {
+    "full": (nn.broadcast,) * 4,  # encoder_out, text_mask, self_mask, positions
+    "cross_kv": (),
+    "cached": (0, 0, 0, 0, nn.broadcast, nn.broadcast),  # past k/v, cross k/v, text_mask, position
+}
+
+
+class DecoderStack(nn.Module):
+  """The decoder layers; ``mode`` selects the :class:`DecoderLayer` entry point.
+
+  Per-layer outputs (cross or chunk keys/values) come back stacked: (layers, b, m, h, hd).
+  """
+
+  stack: StackSpec
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, mode: str, x: Array, *args: Any) -> tuple[Array, Any]:
+    block, num = self.stack.block, self.stack.num_layers
+    layer = DecoderLayer
+    if self.stack.remat and mode == "full":  # remat only matters when differentiating
+      layer = nn.remat(DecoderLayer, prevent_cse=not self.stack.use_scan)
+    if self.stack.use_scan:
+      scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=DECODER_IN_AXES[mode], length=num)
+      return scanned(block, block.ln_positions == "postln", True, self.deterministic, mode,
+                     name="FlaxBartDecoderLayers")(x, *args)
+    sliced = sum(1 for axis in DECODER_IN_AXES[mode] if axis == 0)
+    outputs = []
+    for i in range(num):
+      layer_args = [a[i] for a in args[:sliced]] + list(args[sliced:])
+      x, out = layer(block, adds_norm(block.ln_positions, i, num), i != num - 1, self.deterministic, mode,
+                     name=f"FlaxBartDecoderLayer_{i}")(x, *layer_args)
+      outputs.append(out)
+    return x, (None if outputs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs))

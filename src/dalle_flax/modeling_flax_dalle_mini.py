@@ -32,7 +32,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .layers_dalle_mini import BlockSpec, DecoderLayer, EncoderLayer, make_norm
+from .configuration_dalle_mini import DalleBartConfig
+from .convert.bart2021 import convert_bart2021_config, convert_bart2021_params, is_bart2021_config, is_bart2021_params
+from .convert.scan import is_scanned, scan_params, unscan_params
+from .generation.utils import GenerationMixin
+from .layers_dalle_mini import BlockSpec, DecoderStack, EncoderStack, StackSpec, make_norm
+from .modeling_flax_utils import FlaxPreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -181,81 +186,6 @@ def _key_mask(mask: Array) -> Array:
   return mask.astype(bool)[:, None, None, :]  # (b, 1, 1, t)
 
 
-class EncoderStack(nn.Module):
-  """The encoder layers, scanned (``FlaxBartEncoderLayers``) or unrolled (``..._{i}``)."""
-
-  spec: ModelSpec
-  deterministic: bool = True
-
-  @nn.compact
-  def __call__(self, x: Array, key_mask: Array) -> Array:
-    spec, num = self.spec, self.spec.encoder_layers
-    layer = EncoderLayer
-    if spec.gradient_checkpointing:
-      layer = nn.remat(layer, prevent_cse=not spec.use_scan)
-    if spec.use_scan:
-      stack = nn.scan(
-          layer,
-          variable_axes={"params": 0},
-          split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast,),
-          length=num,
-      )
-      x, _ = stack(spec.encoder, spec.ln_positions == "postln", True, self.deterministic,
-                   name="FlaxBartEncoderLayers")(x, key_mask)
-      return x
-    for i in range(num):
-      x, _ = layer(spec.encoder, _adds_norm(spec, i, num), i != num - 1, self.deterministic,
-                   name=f"FlaxBartEncoderLayer_{i}")(x, key_mask)
-    return x
-
-
-def _adds_norm(spec: ModelSpec, i: int, num: int) -> bool:
-  """Unrolled layers end with a norm for postln, and every 6th layer (not the last) for swinv2."""
-  return spec.ln_positions == "postln" or (spec.ln_positions == "swinv2" and (i + 1) % 6 == 0 and i != num - 1)
-
-
-# Positional arguments after the carry, per decoder mode: broadcast or sliced per layer.
-_DECODER_IN_AXES = {
-    "full": (nn.broadcast,) * 4,  # encoder_out, text_mask, self_mask, positions
-    "cross_kv": (),
-    "cached": (0, 0, 0, 0, nn.broadcast, nn.broadcast),  # past k/v, cross k/v, text_mask, position
-}
-
-
-class DecoderStack(nn.Module):
-  """The decoder layers; ``mode`` selects the entry point of :class:`DecoderLayer`."""
-
-  spec: ModelSpec
-  deterministic: bool = True
-
-  @nn.compact
-  def __call__(self, mode: str, x: Array, *args: Any) -> tuple[Array, Any]:
-    spec, num = self.spec, self.spec.decoder_layers
-    layer = DecoderLayer
-    if spec.gradient_checkpointing and mode == "full":  # remat only matters for training
-      layer = nn.remat(layer, prevent_cse=not spec.use_scan)
-    if spec.use_scan:
-      stack = nn.scan(
-          layer,
-          variable_axes={"params": 0},
-          split_rngs={"params": True, "dropout": True},
-          in_axes=_DECODER_IN_AXES[mode],
-          length=num,
-      )
-      return stack(spec.decoder, spec.ln_positions == "postln", True, self.deterministic, mode,
-                   name="FlaxBartDecoderLayers")(x, *args)
-    outputs = []
-    sliced = len([a for a in _DECODER_IN_AXES[mode] if a == 0])
-    for i in range(num):
-      layer_args = [a[i] for a in args[:sliced]] + list(args[sliced:])
-      x, out = layer(spec.decoder, _adds_norm(spec, i, num), i != num - 1, self.deterministic, mode,
-                     name=f"FlaxBartDecoderLayer_{i}")(x, *layer_args)
-      outputs.append(out)
-    stacked = None if outputs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
-    return x, stacked
-
-
 class Encoder(nn.Module):
   """Text encoder: token + position embeddings, layernorm_embedding, layers, final_ln."""
 
@@ -272,7 +202,8 @@ class Encoder(nn.Module):
       self.embed_positions = nn.Embed(spec.encoder_positions + spec.position_offset, d, embedding_init=init,
                                       dtype=spec.dtype, param_dtype=spec.param_dtype)
     self.layernorm_embedding = make_norm(spec.ln_type, True, None, spec.dtype, spec.param_dtype)
-    self.layers = EncoderStack(spec, self.deterministic)
+    self.layers = EncoderStack(StackSpec(spec.encoder, spec.encoder_layers, spec.use_scan,
+                                         spec.gradient_checkpointing), self.deterministic)
     if spec.use_final_ln_encoder and spec.ln_positions != "postln":  # postln ends each layer with a norm
       self.final_ln = make_norm(spec.ln_type, spec.force_ln_scale, None, spec.dtype, spec.param_dtype)
     self.dropout_layer = nn.Dropout(spec.dropout)
@@ -303,7 +234,8 @@ class Decoder(nn.Module):
       self.embed_positions = nn.Embed(spec.decoder_positions + spec.position_offset, d, embedding_init=init,
                                       dtype=spec.dtype, param_dtype=spec.param_dtype)
     self.layernorm_embedding = make_norm(spec.ln_type, True, None, spec.dtype, spec.param_dtype)
-    self.layers = DecoderStack(spec, self.deterministic)
+    self.layers = DecoderStack(StackSpec(spec.decoder, spec.decoder_layers, spec.use_scan,
+                                         spec.gradient_checkpointing), self.deterministic)
     if spec.use_final_ln_decoder and spec.ln_positions != "postln":
       self.final_ln = make_norm(spec.ln_type, spec.force_ln_scale, None, spec.dtype, spec.param_dtype)
     self.dropout_layer = nn.Dropout(spec.dropout)
@@ -436,3 +368,191 @@ class DalleBartModule(nn.Module):
     """One token per row: (b,) ids at scalar ``position`` -> logits (b, v) and updated cache."""
     logits, cache = self.decode_chunk(token[:, None], position, cache)
     return logits[:, 0], cache
+
+
+# ============================================================================ public model
+def _ids(name: str, value: Any) -> Array:
+  array = jnp.asarray(value)
+  if array.ndim != 2 or not jnp.issubdtype(array.dtype, jnp.integer):
+    raise ValueError(f"{name} must be a (batch, length) integer array, got shape {array.shape} and dtype {array.dtype}")
+  return array.astype(jnp.int32)
+
+
+class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel):
+  """DALL·E mini / mega text-to-image-token model (``DalleBart``), Flax.
+
+  ``params`` is the nested dict of the released checkpoints. Every method that computes takes
+  ``params`` explicitly (None means ``self.params``), so it can be jitted without closing over
+  them. ``model.module`` (a hashable :class:`DalleBartModule`) exposes the same entry points
+  for ``module.apply``.
+
+  Incremental decoding (the contract of the generation loop)::
+
+      cache = model.init_cache(params, encoder_out, text_mask)       # DecoderCache
+      logits, cache = model.decode_step(params, token, position, cache)   # (b, v)
+
+  ``position`` is a traced int32 scalar; ``token`` is the (b,) input at that position (the
+  start token at position 0). ``decode_chunk`` does the same for c tokens at once.
+  """
+
+  config_class = DalleBartConfig
+  main_input_name = "input_ids"
+  model_card_template = "dallebart.md"
+
+  # --- construction --------------------------------------------------------------------------
+  def build_module(self) -> DalleBartModule:
+    return DalleBartModule(model_spec(self.config, self.dtype, self.param_dtype))
+
+  def init_weights(self, key: Array) -> dict[str, Any]:
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return self.module.init(key, ids, jnp.ones_like(ids), ids)["params"]
+
+  @classmethod
+  def config_from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> DalleBartConfig:
+    """Reads DalleBart configs as they are and 2021 seed configs through ``convert_bart2021_config``."""
+    model_type = config_dict.get("model_type", "dallebart")
+    if is_bart2021_config(config_dict):
+      return convert_bart2021_config(config_dict, **kwargs)
+    if model_type != DalleBartConfig.model_type:
+      raise ValueError(
+          f"config.json has model_type {model_type!r}; {cls.__name__} loads 'dallebart' checkpoints "
+          "(and 'bart' for the 2021 seed model). Use the model class matching this checkpoint."
+      )
+    return DalleBartConfig.from_dict({**config_dict, **kwargs})
+
+  @classmethod
+  def convert_checkpoint_params(cls, flat: dict[str, Any], config: DalleBartConfig) -> dict[str, Any]:
+    """Seed tree -> DalleBart tree, then scanned <-> unscanned to match ``config.use_scan``."""
+    if is_bart2021_params(flat):
+      flat = convert_bart2021_params(flat)
+    scanned = is_scanned(flat)
+    if scanned is False and config.use_scan:
+      flat = scan_params(flat)
+    elif scanned and not config.use_scan:
+      flat = unscan_params(flat)
+      if config.ln_positions == "postln" and not config.force_ln_scale:
+        flat = _drop_last_layer_unit_scale(flat, config)
+    return flat
+
+  def _module(self, train: bool) -> DalleBartModule:
+    return self.module.clone(deterministic=False) if train else self.module
+
+  def _apply(self, params: Any, *args: Any, method: str, train: bool = False, dropout_rng: Array | None = None) -> Any:
+    rngs = {"dropout": dropout_rng} if (train and dropout_rng is not None) else None
+    return self._module(train).apply({"params": self._require_params(params)}, *args, method=method, rngs=rngs)
+
+  def _check_lengths(self, input_ids: Array | None, decoder_ids: Array | None) -> None:
+    config = self.config
+    if input_ids is not None and input_ids.shape[1] > config.encoder_positions:
+      raise ValueError(
+          f"input_ids has length {input_ids.shape[1]} but the model has {config.encoder_positions} text "
+          f"positions (max_text_length={config.max_text_length}); tokenize with DalleMiniProcessor"
+      )
+    if decoder_ids is not None and decoder_ids.shape[1] > config.decoder_positions:
+      raise ValueError(
+          f"decoder_input_ids has length {decoder_ids.shape[1]} but the decoder has {config.decoder_positions} "
+          f"positions (image_length={config.image_length})"
+      )
+
+  # --- forward -------------------------------------------------------------------------------
+  def __call__(self, input_ids: Any, attention_mask: Any = None, decoder_input_ids: Any = None,
+               decoder_attention_mask: Any = None, params: Any = None, *, train: bool = False,
+               dropout_rng: Array | None = None) -> DalleBartOutput:
+    """Teacher-forced logits.
+
+    Args:
+      input_ids: (b, t) text ids; attention_mask: (b, t), default all ones.
+      decoder_input_ids: (b, n) image ids starting with ``decoder_start_token_id`` (training:
+        ``[start] + labels[:-1]``). None means the start token alone (first-step logits).
+      decoder_attention_mask: (b, n) key padding of the decoder, default all ones.
+      params: parameters (default ``self.params``); train / dropout_rng: enable dropout.
+
+    Returns:
+      ``DalleBartOutput`` with ``logits`` (b, n, image_vocab_size + 1) and
+      ``encoder_last_hidden_state`` (b, t, d).
+    """
+    input_ids = _ids("input_ids", input_ids)
+    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else _ids("attention_mask", attention_mask)
+    if decoder_input_ids is None:
+      decoder_input_ids = jnp.full((input_ids.shape[0], 1), self.config.decoder_start_token_id, jnp.int32)
+    decoder_input_ids = _ids("decoder_input_ids", decoder_input_ids)
+    self._check_lengths(input_ids, decoder_input_ids)
+    return self._apply(params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                       method="__call__", train=train, dropout_rng=dropout_rng)
+
+  def encode(self, input_ids: Any, attention_mask: Any = None, params: Any = None, *, train: bool = False,
+             dropout_rng: Array | None = None) -> Array:
+    """(b, t) text ids and mask -> (b, t, d_model) encoder output."""
+    input_ids = _ids("input_ids", input_ids)
+    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else _ids("attention_mask", attention_mask)
+    self._check_lengths(input_ids, None)
+    return self._apply(params, input_ids, attention_mask, method="encode", train=train, dropout_rng=dropout_rng)
+
+  def decode(self, decoder_input_ids: Any, encoder_hidden_states: Array | None = None, attention_mask: Any = None,
+             decoder_attention_mask: Any = None, params: Any = None, cache: DecoderCache | None = None,
+             position: Any = None) -> tuple[Array, DecoderCache | None]:
+    """Decoder logits, teacher-forced from position 0 or continuing a cache.
+
+    Args:
+      decoder_input_ids: (b, n) image ids.
+      encoder_hidden_states: (b, t, d) from :meth:`encode` (not needed with ``cache``).
+      attention_mask: (b, t) text mask, default all ones (not needed with ``cache``).
+      decoder_attention_mask: (b, n) decoder key padding (teacher forcing only).
+      params: parameters (default ``self.params``).
+      cache: a :class:`DecoderCache`; the n tokens are decoded at ``position`` (default
+        ``cache.length``) and written into the returned cache.
+
+    Returns:
+      logits (b, n, image_vocab_size + 1) and the new cache (None without ``cache``).
+    """
+    decoder_input_ids = _ids("decoder_input_ids", decoder_input_ids)
+    if cache is not None:
+      if decoder_attention_mask is not None:
+        raise ValueError("decoder_attention_mask is only supported without cache (teacher forcing)")
+      position = cache.length if position is None else position
+      return self.decode_chunk(params, decoder_input_ids, position, cache)
+    if encoder_hidden_states is None:
+      raise ValueError("decode needs encoder_hidden_states (from model.encode) when no cache is given")
+    self._check_lengths(None, decoder_input_ids)
+    if attention_mask is None:
+      attention_mask = jnp.ones(encoder_hidden_states.shape[:2], jnp.int32)
+    logits = self._apply(params, decoder_input_ids, encoder_hidden_states, attention_mask, decoder_attention_mask,
+                         method="decode")
+    return logits, None
+
+  # --- incremental decoding (jit- and lax.scan-friendly) -------------------------------------
+  def init_cache(self, params: Any, encoder_out: Array, text_mask: Any = None) -> DecoderCache:
+    """Builds the decoder cache for ``encoder_out`` (b, t, d) and its (b, t) text mask."""
+    if text_mask is None:
+      text_mask = jnp.ones(encoder_out.shape[:2], jnp.int32)
+    return self._apply(params, encoder_out, text_mask, method="init_cache")
+
+  def decode_step(self, params: Any, token: Array, position: Array, cache: DecoderCache) -> tuple[Array, DecoderCache]:
+    """(b,) tokens at scalar ``position`` -> logits (b, image_vocab_size + 1), updated cache."""
+    return self._apply(params, token, position, cache, method="decode_step")
+
+  def decode_chunk(self, params: Any, tokens: Array, position: Array,
+                   cache: DecoderCache) -> tuple[Array, DecoderCache]:
+    """(b, c) tokens at positions ``position .. position + c - 1`` -> logits (b, c, v), cache."""
+    if not isinstance(position, jax.core.Tracer) and int(position) + tokens.shape[1] > cache.self_key.shape[2]:
+      raise ValueError(
+          f"cannot decode {tokens.shape[1]} token(s) at position {int(position)}: the cache holds "
+          f"{cache.self_key.shape[2]} positions"
+      )
+    return self._apply(params, tokens, position, cache, method="decode_chunk")
+
+
+def _drop_last_layer_unit_scale(flat: dict[str, Any], config: DalleBartConfig) -> dict[str, Any]:
+  """Unrolled postln layers have no end-norm scale in the last layer: drop it if it is all ones."""
+  prefix = "RMSNorm" if config.ln_type == "rmsnorm" else "LayerNorm"
+  for side, layers, norm_index in (("encoder", config.encoder_layers, 1), ("decoder", config.decoder_layers, 2)):
+    stack = "FlaxBartEncoderLayer" if side == "encoder" else "FlaxBartDecoderLayer"
+    key = f"model/{side}/layers/{stack}_{layers - 1}/{prefix}_{norm_index}/scale"
+    if key in flat:
+      if not bool(jnp.all(jnp.asarray(flat[key]) == 1)):
+        raise ValueError(
+            f"{key} is not all ones, but an unscanned postln model has no scale there; load this "
+            "checkpoint with use_scan=True or force_ln_scale=True"
+        )
+      del flat[key]
+  return flat
