@@ -14,6 +14,11 @@ idempotent and does no heavy work (no model is built, nothing is downloaded).
 __version__ = "0.1.0.dev0"
 
 # --- core model (configuration_dalle_mini, modeling_flax_dalle_mini) ---
+from .configuration_dalle_mini import DalleBartConfig
+from .configuration_dalle_mini import register as _register_dallebart_config
+from .modeling_flax_dalle_mini import DecoderCache, FlaxDalleMiniForConditionalGeneration
+
+_register_dallebart_config()
 
 # --- vqgan (configuration_vqgan, modeling_flax_vqgan) ---
 from .configuration_vqgan import VQGANConfig
