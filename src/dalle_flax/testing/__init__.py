@@ -2,3 +2,7 @@
 
 Example: ``from dalle_flax.testing import LocalHubServer``.
 """
+
+from dalle_flax.testing.hub_server import LocalHubServer
+
+__all__ = ["LocalHubServer"]

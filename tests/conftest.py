@@ -1,0 +1,1 @@
+pytest_plugins = ["dalle_flax.testing.pytest_plugin"]
