@@ -23,6 +23,7 @@ Differences from the original, on purpose:
 """
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any
@@ -371,6 +372,12 @@ class DalleBartModule(nn.Module):
 
 
 # ============================================================================ public model
+@functools.lru_cache(maxsize=64)
+def _jitted_apply(module: DalleBartModule, method: str) -> Any:
+  """One jitted ``module.apply(..., method=method)``; modules are hashable, so equal configs share it."""
+  return jax.jit(lambda params, rngs, *args: module.apply({"params": params}, *args, method=method, rngs=rngs))
+
+
 def _ids(name: str, value: Any) -> Array:
   array = jnp.asarray(value)
   if array.ndim != 2 or not jnp.issubdtype(array.dtype, jnp.integer):
@@ -434,12 +441,13 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
         flat = _drop_last_layer_unit_scale(flat, config)
     return flat
 
-  def _module(self, train: bool) -> DalleBartModule:
-    return self.module.clone(deterministic=False) if train else self.module
-
   def _apply(self, params: Any, *args: Any, method: str, train: bool = False, dropout_rng: Array | None = None) -> Any:
+    """``module.apply`` of one entry point, jitted (shared by every model with the same module)."""
+    if train and dropout_rng is None and self.config.dropout > 0:
+      raise ValueError("train=True applies dropout and needs dropout_rng=jax.random.key(...)")
     rngs = {"dropout": dropout_rng} if (train and dropout_rng is not None) else None
-    return self._module(train).apply({"params": self._require_params(params)}, *args, method=method, rngs=rngs)
+    fn = _jitted_apply(self.module.clone(deterministic=not train), method)
+    return fn(self._require_params(params), rngs, *args)
 
   def _check_lengths(self, input_ids: Array | None, decoder_ids: Array | None) -> None:
     config = self.config
@@ -534,9 +542,13 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
   def decode_chunk(self, params: Any, tokens: Array, position: Array,
                    cache: DecoderCache) -> tuple[Array, DecoderCache]:
     """(b, c) tokens at positions ``position .. position + c - 1`` -> logits (b, c, v), cache."""
-    if not isinstance(position, jax.core.Tracer) and int(position) + tokens.shape[1] > cache.self_key.shape[2]:
+    try:
+      start = int(position)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+      start = None  # traced inside the caller's jit: no check possible
+    if start is not None and not 0 <= start <= cache.self_key.shape[2] - tokens.shape[1]:
       raise ValueError(
-          f"cannot decode {tokens.shape[1]} token(s) at position {int(position)}: the cache holds "
+          f"cannot decode {tokens.shape[1]} token(s) at position {start}: the cache holds "
           f"{cache.self_key.shape[2]} positions"
       )
     return self._apply(params, tokens, position, cache, method="decode_chunk")
