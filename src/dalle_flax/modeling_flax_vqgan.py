@@ -258,18 +258,18 @@ class VQGAN(nn.Module):
   static argument of ``jax.jit``.
   """
 
-  ch: int = 128
-  out_ch: int = 3
-  ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
-  num_res_blocks: int = 2
-  attention_levels: tuple[bool, ...] = (False, False, False, False, True)
-  z_channels: int = 256
-  encoder_channels: int = 256  # 2 * z_channels when double_z
-  n_embed: int = 16384
-  embed_dim: int = 256
-  dropout: float = 0.0
-  resamp_with_conv: bool = True
-  give_pre_end: bool = False
+  ch: int
+  out_ch: int
+  ch_mult: tuple[int, ...]
+  num_res_blocks: int
+  attention_levels: tuple[bool, ...]  # per level: does it have attention blocks
+  z_channels: int
+  encoder_channels: int  # 2 * z_channels when double_z
+  n_embed: int
+  embed_dim: int
+  dropout: float
+  resamp_with_conv: bool
+  give_pre_end: bool
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -388,8 +388,8 @@ def _check_pixels(pixels: Any, config: VQGANConfig) -> jax.Array:
   # always 0-255 intensities that were not rescaled.
   if high > 1.0 + 1e-3 or low < -1.0 - 1e-3:
     raise ValueError(
-        f"pixels must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]; divide 0-255 "
-        "intensities by 255 (image_utils.from_pil does this)"
+        f"pixels must lie in [0, 1] ([-1, 1] is tolerated), got values in [{low:.4g}, {high:.4g}]; "
+        "divide 0-255 intensities by 255 (image_utils.from_pil does this)"
     )
   return jnp.asarray(pixels, jnp.float32)
 

@@ -247,6 +247,18 @@ def test_jit_equals_no_jit(tiny):
   np.testing.assert_allclose(eager, jitted, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_once_per_shape_and_shared_by_equal_models(tiny):
+  codes = _codes(batch=1)
+  tiny.decode_code(codes)
+  size = _decode_code_map._cache_size()
+  tiny.decode_code((codes + 1) % 16)  # same shape: no new compilation
+  twin = FlaxVQGANModel(tiny.config, jax.tree.map(lambda x: x * 1.5, tiny.params))
+  twin.decode_code(codes)  # equal module, other params: params are arguments, not constants
+  assert _decode_code_map._cache_size() == size
+  tiny.decode_code(_codes(batch=2, n=4))  # a new shape compiles once more
+  assert _decode_code_map._cache_size() == size + 1
+
+
 def test_upsample_matches_jax_image_resize_nearest():
   x = jnp.asarray(np.random.RandomState(0).randn(2, 3, 5, 4), jnp.float32)
   ours = Upsample(with_conv=False).apply({}, x)
