@@ -1,6 +1,8 @@
 """VQGAN image tokenizer (taming-transformers f16 layout) in Flax linen, and ``FlaxVQGANModel``.
 
-Example: ``images = FlaxVQGANModel.from_pretrained("dalle-mini/vqgan_imagenet_f16_16384").decode_code(codes)``.
+Example::
+
+  images = FlaxVQGANModel.from_pretrained(repo_or_folder).decode_code(codes)  # (b, 256) -> (b, 256, 256, 3)
 
 The parameter tree is the one of ``vqgan-jax`` checkpoints (``encoder/down_0/block_0/norm1/scale``,
 ``quantize/embedding/embedding``, ``decoder/up_4/upsample/conv/kernel`` ...), so the released
@@ -338,7 +340,8 @@ def _random_params(abstract: Any, key: jax.Array) -> dict[str, Any]:
   sizes = [math.prod(flat[k].shape) for k in kernels]
   key_kernels, key_codebook = jax.random.split(key)
   # 0.8796... is the std of a standard normal truncated to [-2, 2] (as in jax's variance_scaling).
-  draws = jax.random.truncated_normal(key_kernels, -2.0, 2.0, (sum(sizes),), jnp.float32) / 0.87962566103423978
+  draws = jax.random.truncated_normal(key_kernels, -2.0, 2.0, (sum(sizes),), jnp.float32)
+  draws = draws / 0.87962566103423978
   params: dict[str, Any] = {}
   for name, start, size in zip(kernels, np.cumsum([0] + sizes[:-1]), sizes):
     shape = flat[name].shape

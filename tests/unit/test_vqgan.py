@@ -208,7 +208,8 @@ def test_decode_unclipped_and_params_argument(tiny):
 
 
 @pytest.mark.parametrize("codes, error, match", [
-    (np.full((1, 16), 16), ValueError, r"code 16 at index \(0, 0\) is outside the codebook \[0, 16\).*drop the start token"),
+    (np.full((1, 16), 16), ValueError,
+     r"code 16 at index \(0, 0\) is outside the codebook \[0, 16\).*drop the start token"),
     (np.array([[0] * 15 + [-1]]), ValueError, r"code -1 at index \(0, 15\).*n_embed=16"),
     (np.zeros((1, 17), np.int32), ValueError, "not a square number.*drop the start token"),
     (np.zeros((1, 15), np.int32), ValueError, "not a square number"),
