@@ -39,3 +39,14 @@ _register_text_classes()
 # --- generation ---
 
 # --- pipeline ---
+from .pipelines import (
+    DalleMiniConfig,
+    DalleMiniPipelineModel,
+    TextToImagePipeline,
+    TextToImagePipelineOutput,
+    pipeline,
+    rerank_with_clip,
+)
+from .pipelines import register as _register_pipeline
+
+_register_pipeline()

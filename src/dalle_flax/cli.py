@@ -1,0 +1,221 @@
+"""The ``dalle-flax`` command line: generate images, convert checkpoints.
+
+Example: ``dalle-flax generate "an armchair in the shape of an avocado" --num-images 4 --grid``.
+
+Commands::
+
+  dalle-flax generate PROMPT [PROMPT ...] [--model M] [--vqgan V] [--revision R] [--num-images N]
+      [--seed S] [--guidance-scale G] [--temperature T] [--top-k K] [--top-p P]
+      [--negative-prompt NP] [--grid] [--seamless] [--batch-size B] [--out DIR]
+      [--dtype {float32,bfloat16,float16}] [--no-progress]
+  dalle-flax convert TEXT_MODEL [--vqgan V] [--revision R] [--vqgan-revision R] --out DIR
+
+``generate`` writes one PNG per image (``<prompt>_<seed>.png``; one ``<prompt>_grid_<seed>.png``
+per prompt with ``--grid``/``--seamless``) and prints their paths, one per line; rerun with
+``--seed <seed> --num-images 1`` to get one image again. ``convert`` turns a released two-repo
+checkpoint (text model + VQGAN, msgpack) into one safetensors pipeline folder.
+
+Errors (bad model path, unreachable Hub, bad values) print one line to stderr and exit with
+status 1 (2 for bad command-line syntax); ``--traceback`` shows the full traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BUNDLED_MODEL", "build_parser", "default_model", "main"]
+
+BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "tiny-dalle-mini"
+"""The tiny pipeline committed with the repository (random weights, 64x64 images)."""
+
+
+def default_model() -> str | None:
+  """The ``--model`` default: the bundled tiny pipeline when this is a source checkout."""
+  return str(BUNDLED_MODEL) if (BUNDLED_MODEL / "config.json").is_file() else None
+
+
+# --- argument types: a bad value is an argparse error (exit 2) naming the flag -------------------
+def _positive_int(text: str) -> int:
+  value = _int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+  return value
+
+
+def _non_negative_int(text: str) -> int:
+  value = _int(text)
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+  return value
+
+
+def _seed(text: str) -> int:
+  value = _int(text)
+  if not 0 <= value < 2**32:
+    raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}")
+  return value
+
+
+def _int(text: str) -> int:
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _finite_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+  if not math.isfinite(value):
+    raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+  return value
+
+
+def _positive_float(text: str) -> float:
+  value = _finite_float(text)
+  if value <= 0:
+    raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+  return value
+
+
+def _probability(text: str) -> float:
+  value = _finite_float(text)
+  if not 0 < value <= 1:
+    raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+  return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The ``dalle-flax`` argument parser."""
+  parser = argparse.ArgumentParser(
+      prog="dalle-flax", description="DALL·E mini / mega text-to-image in JAX.")
+  parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+  commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+  default = default_model()
+  generate = commands.add_parser(
+      "generate", help="generate images from prompts",
+      description="Generate images and write them as PNG files; prints the paths written.")
+  generate.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
+  generate.add_argument(
+      "--model", default=default,
+      help="pipeline folder or Hub repo id, or a text model repo such as dalle-mini/dalle-mini "
+           "(default: " + ("the bundled tiny test pipeline tests/fixtures/tiny-dalle-mini, random "
+                           "weights and 64x64 images: pass --model dalle-mini/dalle-mini for real images"
+                           if default else "none bundled; required") + ")")
+  generate.add_argument("--vqgan", help="VQGAN repo id or folder (default: the model's own)")
+  generate.add_argument("--revision", help="branch, tag or commit of --model")
+  generate.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt (default: 1)")
+  generate.add_argument("--seed", type=_seed, help="seed of the first image (default: random, in the file name)")
+  generate.add_argument("--guidance-scale", type=_finite_float,
+                        help="super-conditioning scale; the dalle-mini notebook used 10 (default: the model's)")
+  generate.add_argument("--temperature", type=_positive_float, help="sampling temperature (default: the model's)")
+  generate.add_argument("--top-k", type=_non_negative_int, help="sample among the k likeliest tokens; 0 disables")
+  generate.add_argument("--top-p", type=_probability, help="nucleus sampling threshold in (0, 1]")
+  generate.add_argument("--negative-prompt", help="replaces the empty prompt of guidance")
+  generate.add_argument("--grid", action="store_true", help="one grid image per prompt")
+  generate.add_argument("--seamless", action="store_true", help="one grid per prompt, decoded as one code map")
+  generate.add_argument("--batch-size", type=_positive_int, help="most images per generate call (default: all)")
+  generate.add_argument("--out", type=Path, default=Path("."), help="output folder (default: current folder)")
+  generate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="computation dtype of the text model (default: float32)")
+  generate.add_argument("--no-progress", action="store_true", help="no progress bar")
+  generate.set_defaults(func=_generate)
+
+  convert = commands.add_parser(
+      "convert", help="convert a checkpoint to a single safetensors pipeline folder",
+      description="Load a text model (+ VQGAN) in any supported layout and save one pipeline folder.")
+  convert.add_argument("text_model", metavar="TEXT_MODEL", help="text model (or pipeline) folder or repo id")
+  convert.add_argument("--vqgan", help="VQGAN folder or repo id (default: the known pairing of TEXT_MODEL)")
+  convert.add_argument("--revision", help="branch, tag or commit of TEXT_MODEL")
+  convert.add_argument("--vqgan-revision", help="branch, tag or commit of --vqgan")
+  convert.add_argument("--out", type=Path, required=True, help="folder to write")
+  convert.add_argument("--max-shard-size", default="10GB", help="shard weights above this size (default: 10GB)")
+  convert.set_defaults(func=_convert)
+  return parser
+
+
+def _slug(prompt: str, limit: int = 48) -> str:
+  slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].strip("-")
+  return slug or "image"
+
+
+def _unique(path: Path, taken: set[Path]) -> Path:
+  candidate, k = path, 1
+  while candidate in taken:
+    candidate = path.with_name(f"{path.stem}_{k}{path.suffix}")
+    k += 1
+  taken.add(candidate)
+  return candidate
+
+
+def _generate(args: argparse.Namespace) -> int:
+  from .pipelines import pipeline
+
+  if args.model is None:
+    raise ValueError("no default model is bundled with this installation; pass --model dalle-mini/dalle-mini "
+                     "(or a pipeline folder).")
+  pipe = pipeline("text-to-image", model=args.model, vqgan=args.vqgan, revision=args.revision, dtype=args.dtype)
+  pipe.set_progress_bar_config(disable=args.no_progress, leave=False)
+  tiled = args.grid or args.seamless
+  out = pipe(
+      args.prompts, num_images_per_prompt=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale,
+      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, negative_prompt=args.negative_prompt,
+      grid=tiled, seamless=args.seamless, batch_size=args.batch_size, return_dict=True)
+  args.out.mkdir(parents=True, exist_ok=True)
+  taken: set[Path] = set()
+  for prompt, images, seeds in zip(args.prompts, out.images, out.seeds):
+    names = [f"{_slug(prompt)}_grid_{seeds[0]}.png"] if tiled else [f"{_slug(prompt)}_{s}.png" for s in seeds]
+    for image, name in zip(images, names):
+      path = _unique(args.out / name, taken)
+      image.save(path)
+      print(path)
+  return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+  from .pipelines import TextToImagePipeline
+
+  pipe = TextToImagePipeline.from_pretrained(
+      args.text_model, vqgan=args.vqgan, revision=args.revision, vqgan_revision=args.vqgan_revision)
+  pipe.save_pretrained(args.out, max_shard_size=args.max_shard_size)
+  print(args.out)
+  return 0
+
+
+def _one_line(error: BaseException) -> str:
+  lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+  message = lines[0] if lines else type(error).__name__
+  if len(lines) > 1:
+    message += " (rerun with --traceback for the details)"
+  return message
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the command line; returns the exit status (0 success, 1 error, 2 bad usage)."""
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  try:
+    return args.func(args)
+  except (OSError, ValueError, TypeError, KeyError, ImportError) as error:
+    if args.traceback:
+      raise
+    print(f"dalle-flax: error: {_one_line(error)}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("dalle-flax: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())
