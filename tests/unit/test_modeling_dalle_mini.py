@@ -45,15 +45,6 @@ def tiny_model(seed: int = 0, **overrides) -> FlaxDalleMiniForConditionalGenerat
   return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """Tiny models: compile time dominates, so skip XLA's expensive passes (restored after)."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def teacher_forced_and_incremental(model, params, text_ids, text_mask, image_ids):
   """Teacher-forced logits (b, n, v), the same from n decode_steps in a lax.scan, final cache."""
   out = model(text_ids, text_mask, image_ids, params=params)
