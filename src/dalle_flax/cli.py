@@ -28,7 +28,6 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 __all__ = ["BUNDLED_MODEL", "build_parser", "default_model", "main"]
 
@@ -102,44 +101,47 @@ def build_parser() -> argparse.ArgumentParser:
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
   default = default_model()
+  default_help = (
+      "the bundled tiny test pipeline tests/fixtures/tiny-dalle-mini (random weights, 64x64 "
+      "images): pass --model dalle-mini/dalle-mini for real images" if default else
+      "none bundled with this installation; required")
   generate = commands.add_parser(
       "generate", help="generate images from prompts",
       description="Generate images and write them as PNG files; prints the paths written.")
-  generate.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
-  generate.add_argument(
-      "--model", default=default,
+  add = generate.add_argument
+  add("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
+  add("--model", default=default,
       help="pipeline folder or Hub repo id, or a text model repo such as dalle-mini/dalle-mini "
-           "(default: " + ("the bundled tiny test pipeline tests/fixtures/tiny-dalle-mini, random "
-                           "weights and 64x64 images: pass --model dalle-mini/dalle-mini for real images"
-                           if default else "none bundled; required") + ")")
-  generate.add_argument("--vqgan", help="VQGAN repo id or folder (default: the model's own)")
-  generate.add_argument("--revision", help="branch, tag or commit of --model")
-  generate.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt (default: 1)")
-  generate.add_argument("--seed", type=_seed, help="seed of the first image (default: random, in the file name)")
-  generate.add_argument("--guidance-scale", type=_finite_float,
-                        help="super-conditioning scale; the dalle-mini notebook used 10 (default: the model's)")
-  generate.add_argument("--temperature", type=_positive_float, help="sampling temperature (default: the model's)")
-  generate.add_argument("--top-k", type=_non_negative_int, help="sample among the k likeliest tokens; 0 disables")
-  generate.add_argument("--top-p", type=_probability, help="nucleus sampling threshold in (0, 1]")
-  generate.add_argument("--negative-prompt", help="replaces the empty prompt of guidance")
-  generate.add_argument("--grid", action="store_true", help="one grid image per prompt")
-  generate.add_argument("--seamless", action="store_true", help="one grid per prompt, decoded as one code map")
-  generate.add_argument("--batch-size", type=_positive_int, help="most images per generate call (default: all)")
-  generate.add_argument("--out", type=Path, default=Path("."), help="output folder (default: current folder)")
-  generate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="computation dtype of the text model (default: float32)")
-  generate.add_argument("--no-progress", action="store_true", help="no progress bar")
+           f"(default: {default_help})")
+  add("--vqgan", help="VQGAN repo id or folder (default: the model's own)")
+  add("--revision", help="branch, tag or commit of --model")
+  add("--num-images", type=_positive_int, default=1, help="images per prompt (default: 1)")
+  add("--seed", type=_seed, help="seed of the first image (default: random; in the file names)")
+  add("--guidance-scale", type=_finite_float,
+      help="super-conditioning scale; the dalle-mini notebook used 10 (default: the model's)")
+  add("--temperature", type=_positive_float, help="sampling temperature (default: the model's)")
+  add("--top-k", type=_non_negative_int, help="sample among the k likeliest tokens; 0 disables")
+  add("--top-p", type=_probability, help="nucleus sampling threshold in (0, 1]")
+  add("--negative-prompt", help="replaces the empty prompt of guidance")
+  add("--grid", action="store_true", help="one grid image per prompt")
+  add("--seamless", action="store_true", help="one grid per prompt, decoded as one code map")
+  add("--batch-size", type=_positive_int, help="most images per generate call (default: all)")
+  add("--out", type=Path, default=Path("."), help="output folder (default: the current folder)")
+  add("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+      help="computation dtype of the text model (default: float32)")
+  add("--no-progress", action="store_true", help="no progress bar")
   generate.set_defaults(func=_generate)
 
   convert = commands.add_parser(
       "convert", help="convert a checkpoint to a single safetensors pipeline folder",
-      description="Load a text model (+ VQGAN) in any supported layout and save one pipeline folder.")
-  convert.add_argument("text_model", metavar="TEXT_MODEL", help="text model (or pipeline) folder or repo id")
-  convert.add_argument("--vqgan", help="VQGAN folder or repo id (default: the known pairing of TEXT_MODEL)")
-  convert.add_argument("--revision", help="branch, tag or commit of TEXT_MODEL")
-  convert.add_argument("--vqgan-revision", help="branch, tag or commit of --vqgan")
-  convert.add_argument("--out", type=Path, required=True, help="folder to write")
-  convert.add_argument("--max-shard-size", default="10GB", help="shard weights above this size (default: 10GB)")
+      description="Load a text model (+ VQGAN) in any supported layout; save one pipeline folder.")
+  add = convert.add_argument
+  add("text_model", metavar="TEXT_MODEL", help="text model (or pipeline) folder or repo id")
+  add("--vqgan", help="VQGAN folder or repo id (default: the known pairing of TEXT_MODEL)")
+  add("--revision", help="branch, tag or commit of TEXT_MODEL")
+  add("--vqgan-revision", help="branch, tag or commit of --vqgan")
+  add("--out", type=Path, required=True, help="folder to write")
+  add("--max-shard-size", default="10GB", help="shard weights above this size (default: 10GB)")
   convert.set_defaults(func=_convert)
   return parser
 
@@ -162,19 +164,22 @@ def _generate(args: argparse.Namespace) -> int:
   from .pipelines import pipeline
 
   if args.model is None:
-    raise ValueError("no default model is bundled with this installation; pass --model dalle-mini/dalle-mini "
-                     "(or a pipeline folder).")
-  pipe = pipeline("text-to-image", model=args.model, vqgan=args.vqgan, revision=args.revision, dtype=args.dtype)
+    raise ValueError("no default model is bundled with this installation; pass --model "
+                     "dalle-mini/dalle-mini (or a pipeline folder).")
+  pipe = pipeline("text-to-image", model=args.model, vqgan=args.vqgan, revision=args.revision,
+                  dtype=args.dtype)
   pipe.set_progress_bar_config(disable=args.no_progress, leave=False)
   tiled = args.grid or args.seamless
   out = pipe(
-      args.prompts, num_images_per_prompt=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale,
-      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, negative_prompt=args.negative_prompt,
-      grid=tiled, seamless=args.seamless, batch_size=args.batch_size, return_dict=True)
+      args.prompts, num_images_per_prompt=args.num_images, seed=args.seed,
+      guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
+      top_p=args.top_p, negative_prompt=args.negative_prompt, grid=tiled, seamless=args.seamless,
+      batch_size=args.batch_size, return_dict=True)
   args.out.mkdir(parents=True, exist_ok=True)
   taken: set[Path] = set()
   for prompt, images, seeds in zip(args.prompts, out.images, out.seeds):
-    names = [f"{_slug(prompt)}_grid_{seeds[0]}.png"] if tiled else [f"{_slug(prompt)}_{s}.png" for s in seeds]
+    slug = _slug(prompt)
+    names = [f"{slug}_grid_{seeds[0]}.png"] if tiled else [f"{slug}_{seed}.png" for seed in seeds]
     for image, name in zip(images, names):
       path = _unique(args.out / name, taken)
       image.save(path)

@@ -73,10 +73,11 @@ def test_generate_writes_one_png_per_image(tmp_path, capsys):
 
 
 def test_generate_grid_and_progress_bar(tmp_path, capsys):
-  code, paths, err = run(["generate", "a red apple", "a blue car", "--num-images", "2", "--grid", "--seed", "1",
-                          "--batch-size", "2", "--out", tmp_path], capsys)
+  code, paths, err = run(["generate", "a red apple", "a blue car", "--num-images", "2", "--grid",
+                          "--seed", "1", "--batch-size", "2", "--out", tmp_path], capsys)
   assert code == 0, err
-  assert [Path(p).name for p in paths] == ["a-red-apple_grid_1.png", f"a-blue-car_grid_{image_seeds(1, 4)[2]}.png"]
+  assert [Path(p).name for p in paths] == ["a-red-apple_grid_1.png",
+                                           f"a-blue-car_grid_{image_seeds(1, 4)[2]}.png"]
   assert all(Image.open(p).size == (128, 64) for p in paths)
   assert "Generating image tokens" in err  # progress bar on by default, on stderr
 
@@ -92,7 +93,8 @@ def test_convert_round_trip(tmp_path, capsys):
   code, lines, err = run(["convert", text, "--vqgan", vqgan, "--out", tmp_path / "pipe"], capsys)
   assert code == 0, err
   assert lines == [str(tmp_path / "pipe")]
-  names = {p.relative_to(tmp_path / "pipe").as_posix() for p in (tmp_path / "pipe").rglob("*") if p.is_file()}
+  folder = tmp_path / "pipe"
+  names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
   assert {"config.json", "model.safetensors", "generation_config.json", "vqgan/config.json",
           "vqgan/model.safetensors", "tokenizer.json", "processor_config.json", "README.md"} <= names
   assert not any(name.endswith(".msgpack") for name in names)

@@ -64,7 +64,8 @@ def enable_compilation_cache(cache_dir):
 
 
 def cache_env(cache_dir):
-  return {"JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  return {"JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
@@ -121,7 +122,8 @@ def test_output_types_nest_like_the_prompt(pipe):
   assert out.images.shape == (2, 1, 64, 64, 3) and out.image_tokens.shape == (2, 1, 16)
   assert out.seeds == [[5], [image_seeds(5, 2)[1]]]
   assert out["images"] is out.images and out[1] is out.image_tokens
-  np.testing.assert_array_equal(uint8([nested[0][0], nested[1][0]]), (out.images[:, 0] * 255).astype(np.uint8))
+  np.testing.assert_array_equal(uint8([nested[0][0], nested[1][0]]),
+                                (out.images[:, 0] * 255).astype(np.uint8))
 
 
 def test_seed_derivation_is_stable():
@@ -217,7 +219,8 @@ def test_grid_and_seamless(pipe):
 def test_guidance_and_negative_prompt(pipe, caplog):
   plain = pipe(PROMPTS[0], seed=9, output_type="tokens")
   guided = pipe(PROMPTS[0], seed=9, output_type="tokens", guidance_scale=4.0)
-  negative = pipe(PROMPTS[0], seed=9, output_type="tokens", guidance_scale=4.0, negative_prompt="a blue car")
+  negative = pipe(PROMPTS[0], seed=9, output_type="tokens", guidance_scale=4.0,
+                  negative_prompt="a blue car")
   assert not np.array_equal(plain, guided) and not np.array_equal(guided, negative)
   with caplog.at_level("WARNING"):
     pipe(PROMPTS[0], seed=9, output_type="tokens", negative_prompt="a blue car")
@@ -232,7 +235,8 @@ def test_two_repo_layout_loads_like_the_converted_folder(pipe, legacy_copies):
   text, vqgan = legacy_copies
   legacy = dalle_flax.pipeline("text-to-image", model=text, vqgan=vqgan)
   legacy.set_progress_bar_config(disable=True)
-  np.testing.assert_array_equal(legacy(PROMPTS, seed=2, output_type="np"), pipe(PROMPTS, seed=2, output_type="np"))
+  np.testing.assert_array_equal(legacy(PROMPTS, seed=2, output_type="np"),
+                                pipe(PROMPTS, seed=2, output_type="np"))
   with pytest.raises(ValueError, match=r"vqgan=.*--vqgan"):
     dalle_flax.pipeline("text-to-image", model=text)
   with pytest.raises(ValueError, match="pass vqgan="):
@@ -245,7 +249,8 @@ def test_two_repo_layout_loads_like_the_converted_folder(pipe, legacy_copies):
 def test_known_text_repos_get_their_pinned_vqgan(local_hub, legacy_copies, pipe):
   text, vqgan = legacy_copies
   repo, pinned = KNOWN_VQGANS["dalle-mini/dalle-mini"]
-  assert (repo, pinned) == ("dalle-mini/vqgan_imagenet_f16_16384", "e93a26e7707683d349bf5d5c41c5b0ef69b677a9")
+  assert (repo, pinned) == ("dalle-mini/vqgan_imagenet_f16_16384",
+                            "e93a26e7707683d349bf5d5c41c5b0ef69b677a9")
   assert KNOWN_VQGANS["flax-community/dalle-mini"] == (
       "flax-community/vqgan_f16_16384", "90cc46addd2dd8f5be21586a9a23e1b95aa506a9")
   for repo_id, folder in (("dalle-mini/dalle-mini", text), (repo, vqgan)):
@@ -256,7 +261,8 @@ def test_known_text_repos_get_their_pinned_vqgan(local_hub, legacy_copies, pipe)
   local_hub.api.upload_file(repo_id=repo, path_or_fileobj=b"{", path_in_repo="config.json")
   hub_pipe = dalle_flax.pipeline("text-to-image", model="dalle-mini/dalle-mini")
   hub_pipe.set_progress_bar_config(disable=True)
-  np.testing.assert_array_equal(hub_pipe(PROMPTS, seed=2, output_type="tokens"), pipe(PROMPTS, seed=2, output_type="tokens"))
+  np.testing.assert_array_equal(hub_pipe(PROMPTS, seed=2, output_type="tokens"),
+                                pipe(PROMPTS, seed=2, output_type="tokens"))
   local_hub.api.create_repo("someone/text-only")
   local_hub.api.upload_folder(repo_id="someone/text-only", folder_path=text)
   with pytest.raises(ValueError, match="not a known DALL·E mini repo"):
@@ -290,12 +296,13 @@ def test_save_push_and_reload(pipe, local_hub, tmp_path):
           "vqgan/model.safetensors", "tokenizer.json", "README.md"} <= files
   reloaded = dalle_flax.pipeline("text-to-image", model="me/tiny-pipe")
   reloaded.set_progress_bar_config(disable=True)
-  np.testing.assert_array_equal(reloaded(PROMPTS, seed=1, output_type="tokens"), pipe(PROMPTS, seed=1, output_type="tokens"))
+  np.testing.assert_array_equal(reloaded(PROMPTS, seed=1, output_type="tokens"),
+                                pipe(PROMPTS, seed=1, output_type="tokens"))
   card = Path(local_hub.api.hf_hub_download("me/tiny-pipe", "README.md")).read_text()
   assert "# me/tiny-pipe" in card and "\n- tiny\n" in card
 
 
-# --- transformers.pipeline and the torch-free factory -------------------------------------------------
+# --- transformers.pipeline and the torch-free factory --------------------------------------------
 def test_transformers_pipeline_matches_torch_free_pipeline(local_hub, jax_cache, tmp_path, pipe):
   pytest.importorskip("torch")
   import transformers
@@ -322,7 +329,8 @@ def test_transformers_pipeline_matches_torch_free_pipeline(local_hub, jax_cache,
   env = {**os.environ, **cache_env(jax_cache), "HF_ENDPOINT": local_hub.endpoint,
          "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
   env.pop("HF_HUB_OFFLINE", None)
-  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), expected)
 
@@ -334,7 +342,8 @@ def test_transformers_pipeline_completes_text_only_repo_with_vqgan(legacy_copies
   text, vqgan = legacy_copies
   hf_pipe = transformers.pipeline("text-to-image", model=str(text), vqgan=str(vqgan))
   hf_pipe.set_progress_bar_config(disable=True)
-  np.testing.assert_array_equal(hf_pipe(PROMPTS, seed=6, output_type="tokens"), pipe(PROMPTS, seed=6, output_type="tokens"))
+  np.testing.assert_array_equal(hf_pipe(PROMPTS, seed=6, output_type="tokens"),
+                                pipe(PROMPTS, seed=6, output_type="tokens"))
   with pytest.raises(ValueError, match="not a known DALL·E mini repo"):
     transformers.pipeline("text-to-image", model=str(text))
 
@@ -350,12 +359,16 @@ def _tiny_clip(folder):
     vocab[token] = len(vocab)
   (folder / "vocab.json").write_text(json.dumps(vocab))
   (folder / "merges.txt").write_text("#version: 0.2\n")
-  image_processor_class = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+  image_processor_class = getattr(transformers, "CLIPImageProcessorPil",
+                                  transformers.CLIPImageProcessor)
+  image_processor = image_processor_class(size={"shortest_edge": 32},
+                                          crop_size={"height": 32, "width": 32})
   processor = CLIPProcessor(
-      image_processor=image_processor_class(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+      image_processor=image_processor,
       tokenizer=CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")))
   text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-              num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+              num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+              pad_token_id=1)
   vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 image_size=32, patch_size=8)
   torch.manual_seed(0)
@@ -370,8 +383,8 @@ def test_rerank_with_clip_sorts_by_clip_score(tmp_path):
   model, processor = _tiny_clip(tmp_path)
   rng = np.random.RandomState(0)
   images = [Image.fromarray(rng.randint(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(5)]
-  ranked, scores = dalle_flax.rerank_with_clip(images, "a red fox", model=tmp_path / "clip", batch_size=2,
-                                               return_scores=True)
+  ranked, scores = dalle_flax.rerank_with_clip(images, "a red fox", model=tmp_path / "clip",
+                                               batch_size=2, return_scores=True)
   with torch.no_grad():
     inputs = processor(text=["a red fox"], images=images, return_tensors="pt", padding=True)
     expected = model(**inputs).logits_per_image[:, 0].tolist()
@@ -379,6 +392,6 @@ def test_rerank_with_clip_sorts_by_clip_score(tmp_path):
   assert [images.index(im) for im in ranked] == order
   np.testing.assert_allclose(scores, [expected[i] for i in order], rtol=1e-4, atol=1e-5)
   assert len(set(np.round(scores, 6))) == 5  # distinct scores: the order is meaningful
-  loaded = dalle_flax.rerank_with_clip(np.stack([np.asarray(im) for im in images]), "a red fox", model=model,
-                                       processor=processor)
+  as_array = np.stack([np.asarray(im) for im in images])
+  loaded = dalle_flax.rerank_with_clip(as_array, "a red fox", model=model, processor=processor)
   assert [np.asarray(im).tobytes() for im in loaded] == [np.asarray(im).tobytes() for im in ranked]

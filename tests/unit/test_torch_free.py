@@ -1,4 +1,4 @@
-"""dalle_flax works without torch: nothing imports it, and a pipeline loads and runs with it blocked."""
+"""dalle_flax works without torch: nothing imports it; a pipeline loads and runs with it blocked."""
 
 import ast
 import json
@@ -80,9 +80,12 @@ def test_import_and_pipeline_from_folder_with_torch_blocked(tmp_path_factory, tm
       torch_modules = [m for m, v in sys.modules.items() if m.split(".")[0] == "torch" and v is not None]
       print(json.dumps({{"tokens": tokens.tolist(), "clip_error": clip_error, "torch_modules": torch_modules}}))
   """)
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "HF_HUB_OFFLINE": "1",
+         "HF_HOME": str(tmp_path / "hf")}
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["torch_modules"] == []

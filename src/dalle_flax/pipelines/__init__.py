@@ -18,7 +18,8 @@ from .configuration import register as _register_config
 from .factory import SUPPORTED_TASKS, pipeline
 from .loading import KNOWN_VQGANS, DalleMiniPipelineModel
 from .pipeline_output import TextToImagePipelineOutput
-from .text_to_image import TextToImagePipeline, grid_shape, image_seeds
+from .seeds import image_seeds
+from .text_to_image import TextToImagePipeline, grid_shape
 
 logger = logging.getLogger(__name__)
 

@@ -72,8 +72,9 @@ def rerank_with_clip(
     ValueError: no images, or a loaded model without a processor.
   """
   torch = _require_torch()
-  images = list(images) if isinstance(images, Sequence) and all(isinstance(i, Image.Image) for i in images) \
-      else to_pil(images)
+  if not (isinstance(images, Sequence) and all(isinstance(i, Image.Image) for i in images)):
+    images = to_pil(images)
+  images = list(images)
   if not images:
     raise ValueError("rerank_with_clip got no images.")
   if not isinstance(prompt, str):
@@ -86,12 +87,14 @@ def rerank_with_clip(
   else:
     clip = model
     if processor is None:
-      raise ValueError("model is a loaded CLIPModel; pass processor=CLIPProcessor.from_pretrained(...) too.")
+      raise ValueError(
+          "model is a loaded CLIPModel; pass processor=CLIPProcessor.from_pretrained(...) too.")
   scores: list[float] = []
   device = next(clip.parameters()).device
   with torch.no_grad():
     for start in range(0, len(images), batch_size):
-      inputs = processor(text=[prompt], images=images[start:start + batch_size], return_tensors="pt", padding=True)
+      inputs = processor(text=[prompt], images=images[start:start + batch_size],
+                         return_tensors="pt", padding=True)
       output = clip(**{k: v.to(device) for k, v in inputs.items()})
       scores.extend(output.logits_per_image[:, 0].float().cpu().tolist())
   order = sorted(range(len(images)), key=lambda i: -scores[i])

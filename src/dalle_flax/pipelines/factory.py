@@ -60,8 +60,9 @@ def pipeline(
     )
   pipeline_class = SUPPORTED_TASKS[task]
   if isinstance(model, (str, os.PathLike)):
-    return pipeline_class.from_pretrained(model, vqgan=vqgan, revision=revision, dtype=dtype, device=device,
-                                          task=task, **kwargs)
+    return pipeline_class.from_pretrained(model, vqgan=vqgan, revision=revision, dtype=dtype,
+                                          device=device, task=task, **kwargs)
   if revision is not None:
-    raise ValueError("revision= only applies when model is a folder or repo id; the model is already loaded.")
+    raise ValueError("revision= only applies when model is a folder or repo id; the model is "
+                     "already loaded.")
   return pipeline_class(model, vqgan=vqgan, dtype=dtype, device=device, task=task, **kwargs)

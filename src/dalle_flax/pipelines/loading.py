@@ -34,6 +34,8 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +50,25 @@ from .configuration import DalleMiniConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KNOWN_VQGANS", "VQGAN_SUBFOLDER", "DalleMiniPipelineModel", "TextOnlyComponents", "resolve_dtype"]
+__all__ = [
+    "KNOWN_VQGANS",
+    "VQGAN_SUBFOLDER",
+    "DalleMiniPipelineModel",
+    "TextOnlyComponents",
+    "build_components",
+    "resolve_dtype",
+]
 
 VQGAN_SUBFOLDER = "vqgan"
 
 # Text model repo -> (VQGAN repo, pinned revision), as the original code paired them
 # (reference dalle-mini.md §1.5-1.6).
+_IMAGENET_VQGAN = ("dalle-mini/vqgan_imagenet_f16_16384", "e93a26e7707683d349bf5d5c41c5b0ef69b677a9")
 KNOWN_VQGANS: dict[str, tuple[str, str]] = {
-    "dalle-mini/dalle-mini": ("dalle-mini/vqgan_imagenet_f16_16384", "e93a26e7707683d349bf5d5c41c5b0ef69b677a9"),
-    "dalle-mini/dalle-mega": ("dalle-mini/vqgan_imagenet_f16_16384", "e93a26e7707683d349bf5d5c41c5b0ef69b677a9"),
-    "flax-community/dalle-mini": ("flax-community/vqgan_f16_16384", "90cc46addd2dd8f5be21586a9a23e1b95aa506a9"),
+    "dalle-mini/dalle-mini": _IMAGENET_VQGAN,
+    "dalle-mini/dalle-mega": _IMAGENET_VQGAN,
+    "flax-community/dalle-mini": ("flax-community/vqgan_f16_16384",
+                                  "90cc46addd2dd8f5be21586a9a23e1b95aa506a9"),
 }
 
 # Keywords transformers' pipeline factory passes to the model loader that mean nothing here.
@@ -153,8 +164,9 @@ class DalleMiniPipelineModel:
       *,
       name_or_path: str = "",
   ):
-    for name, value, cls in (("text_model", text_model, FlaxDalleMiniForConditionalGeneration),
-                             ("vqgan", vqgan, FlaxVQGANModel), ("processor", processor, DalleMiniProcessor)):
+    expected = (("text_model", text_model, FlaxDalleMiniForConditionalGeneration),
+                ("vqgan", vqgan, FlaxVQGANModel), ("processor", processor, DalleMiniProcessor))
+    for name, value, cls in expected:
       if not isinstance(value, cls):
         raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}.")
     self.text_model = text_model
@@ -242,7 +254,8 @@ class DalleMiniPipelineModel:
     hub = dict(revision=revision, cache_dir=cache_dir, token=token,
                local_files_only=local_files_only, force_download=force_download)
     if raw.get("model_type") == DalleMiniConfig.model_type:
-      pipeline_config = config if isinstance(config, DalleMiniConfig) else DalleMiniConfig.from_dict(raw)
+      pipeline_config = config if isinstance(config, DalleMiniConfig) else None
+      pipeline_config = pipeline_config or DalleMiniConfig.from_dict(raw)
       logger.info("Loading the single-folder pipeline %s", path)
       text_model = FlaxDalleMiniForConditionalGeneration.from_pretrained(
           path, config=pipeline_config.text_config, dtype=model_dtype, **hub)
@@ -251,7 +264,8 @@ class DalleMiniPipelineModel:
             path, subfolder=VQGAN_SUBFOLDER, config=pipeline_config.vqgan_config, **hub)
     else:
       logger.info("Loading the text model %s", path)
-      text_model = FlaxDalleMiniForConditionalGeneration.from_pretrained(path, dtype=model_dtype, **hub)
+      text_model = FlaxDalleMiniForConditionalGeneration.from_pretrained(
+          path, dtype=model_dtype, **hub)
       if vqgan is None:
         known = _known_vqgan(path)
         if known is None and from_factory:
@@ -270,7 +284,8 @@ class DalleMiniPipelineModel:
     if isinstance(vqgan, FlaxVQGANModel):
       return vqgan
     if not isinstance(vqgan, (str, os.PathLike)):
-      raise TypeError(f"vqgan must be a repo id, a folder or a FlaxVQGANModel, got {type(vqgan).__name__}.")
+      raise TypeError("vqgan must be a repo id, a folder or a FlaxVQGANModel, got "
+                      f"{type(vqgan).__name__}.")
     return FlaxVQGANModel.from_pretrained(
         vqgan, revision=revision, cache_dir=options.cache_dir, token=options.token,
         local_files_only=options.local_files_only, force_download=options.force_download)
@@ -281,16 +296,21 @@ class DalleMiniPipelineModel:
       return processor
     if not isinstance(processor, (str, os.PathLike)):
       raise TypeError(
-          f"processor must be a DalleMiniProcessor or a path / repo id, got {type(processor).__name__}."
+          "processor must be a DalleMiniProcessor or a path / repo id, got "
+          f"{type(processor).__name__}."
       )
     return DalleMiniProcessor.from_pretrained(processor, **hub)
 
   # --- saving ----------------------------------------------------------------------------------
-  def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "10GB") -> Path:
+  def save_pretrained(
+      self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "10GB",
+      model_card: bool = True,
+  ) -> Path:
     """Writes the single-folder layout described in this module's docstring.
 
     The root ``config.json`` (the composite config) is written last, so an interrupted save
-    never looks like a complete pipeline folder.
+    never looks like a complete pipeline folder. Unless ``model_card=False`` a ``README.md``
+    model card is written too (repo id: the folder name).
 
     Returns:
       The folder written.
@@ -306,4 +326,110 @@ class DalleMiniPipelineModel:
     config["text_config"]["architectures"] = [type(self.text_model).__name__]
     config["vqgan_config"]["architectures"] = [type(self.vqgan).__name__]
     atomic_write_json(folder / CONFIG_NAME, config)
+    if model_card:
+      (folder / "README.md").write_text(self.model_card(folder.name), encoding="utf-8")
     return folder
+
+  def model_card(self, repo_id: str, tags: Sequence[str] | None = None) -> str:
+    """Renders the pipeline model card (``model_cards/pipeline.md``) for ``repo_id``."""
+    from ..model_cards import render_model_card
+
+    source = self.name_or_path
+    base_model = source if source and not os.path.exists(source) else None
+    return render_model_card(
+        "pipeline.md", repo_id=repo_id, text_config=self.config.text_config,
+        vqgan_config=self.config.vqgan_config, image_size=self.config.image_size,
+        text_parameters=self.text_model.num_parameters(),
+        vqgan_parameters=self.vqgan.num_parameters(), base_model=base_model,
+        tags=list(tags or ()))
+
+  def push_to_hub(
+      self, repo_id: str, *, commit_message: str | None = None,
+      commit_description: str | None = None, private: bool | None = None,
+      token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
+      max_shard_size: int | str = "10GB", tags: Sequence[str] | None = None,
+  ) -> str:
+    """Uploads the single-folder layout and its model card to ``repo_id`` in one commit.
+
+    Returns:
+      The commit URL.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token if isinstance(token, str) else None)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and revision != "main":
+      api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dalle-flax-push-") as tmp:
+      self.save_pretrained(tmp, max_shard_size=max_shard_size, model_card=False)
+      (Path(tmp) / "README.md").write_text(self.model_card(repo_id, tags), encoding="utf-8")
+      info = api.upload_folder(
+          repo_id=repo_id, folder_path=tmp,
+          commit_message=commit_message or "Upload DALL·E mini pipeline",
+          commit_description=commit_description, revision=revision, create_pr=create_pr,
+          # weights of an earlier push (e.g. one file replaced by shards) would shadow ours
+          delete_patterns=["*.safetensors", "*.msgpack", "*.index.json"])
+    return str(getattr(info, "commit_url", info))
+
+
+def build_components(
+    model: Any, *, processor: Any = None, tokenizer: Any = None, vqgan: Any = None, dtype: Any = None,
+) -> DalleMiniPipelineModel:
+  """Turns what a pipeline was given into its components.
+
+  Args:
+    model: a :class:`DalleMiniPipelineModel`, :class:`TextOnlyComponents`, a
+      ``FlaxDalleMiniForConditionalGeneration`` (needs ``vqgan`` and ``processor`` or
+      ``tokenizer``), or a folder / repo id to load.
+    processor: replaces the processor (a ``DalleMiniProcessor`` or where to load it from).
+    tokenizer: a ``DalleBartTokenizer`` to build the processor from, for a bare text model.
+    vqgan: replaces the VQGAN (a ``FlaxVQGANModel``, folder or repo id).
+    dtype: computation dtype when ``model`` is a path; for a loaded model only checked.
+
+  Raises:
+    ValueError: a text model without a VQGAN or without a processor / tokenizer.
+    TypeError: an unsupported ``model``.
+  """
+  if isinstance(model, (str, os.PathLike)):
+    loaded = DalleMiniPipelineModel.from_pretrained(model, vqgan=vqgan, processor=processor,
+                                                    dtype=dtype)
+    assert isinstance(loaded, DalleMiniPipelineModel)  # only the factory gets TextOnlyComponents
+    return loaded
+  if isinstance(model, DalleMiniPipelineModel):
+    wanted = resolve_dtype(dtype)
+    if wanted is not None and wanted != model.dtype:
+      logger.warning("dtype=%s is ignored: the model is already loaded in %s; pass dtype when "
+                     "loading it.", wanted, model.dtype)
+    if vqgan is None and processor is None:
+      return model
+    text_model, name = model.text_model, model.name_or_path
+    vqgan = model.vqgan if vqgan is None else vqgan
+    processor = model.processor if processor is None else processor
+  elif isinstance(model, TextOnlyComponents):
+    if vqgan is None:
+      raise missing_vqgan_error(model.name_or_path, model.text_model.config.model_type)
+    text_model, name = model.text_model, model.name_or_path
+    processor = model.processor if processor is None else processor
+  elif isinstance(model, FlaxDalleMiniForConditionalGeneration):
+    text_model, name = model, ""
+    if vqgan is None:
+      raise ValueError(
+          "model is a text model only; pass vqgan=<FlaxVQGANModel, folder or repo id> (e.g. "
+          "'dalle-mini/vqgan_imagenet_f16_16384'), or load a whole pipeline by path."
+      )
+    if processor is None:
+      if tokenizer is None:
+        raise ValueError(
+            "model is a text model only; pass processor=DalleMiniProcessor.from_pretrained"
+            "(<text model repo>) or tokenizer=<its DalleBartTokenizer>."
+        )
+      processor = DalleMiniProcessor(tokenizer, normalize_text=bool(model.config.normalize_text),
+                                     max_text_length=model.config.max_text_length)
+  else:
+    raise TypeError(
+        "model must be a DalleMiniPipelineModel, a FlaxDalleMiniForConditionalGeneration or a "
+        f"folder / repo id, got {type(model).__name__}."
+    )
+  vqgan = DalleMiniPipelineModel._load_vqgan(vqgan, None, HubOptions())
+  processor = DalleMiniPipelineModel._load_processor(processor, {})
+  return DalleMiniPipelineModel(text_model, vqgan, processor, name_or_path=name)

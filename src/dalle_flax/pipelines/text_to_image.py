@@ -8,18 +8,15 @@ VQGAN and returns PIL images. It subclasses ``transformers.Pipeline`` so
 ``transformers.pipeline("text-to-image", model=...)`` builds it, but overrides ``__init__``,
 ``__call__`` and ``forward`` (the base ones are torch-only): it runs without torch.
 
-Seeds: every image has its own seed (or key), so any image can be regenerated alone. With
-``seed=s`` image ``i`` of the call (prompt-major) gets ``image_seeds(s, n)[i]``: ``s`` itself for
-image 0, a hash of ``(s, i)`` for the others. ``generate(seed=[...])`` turns each into
-``jax.random.key(seed_i)``, which does not depend on the batch an image is sampled in, so
-``pipe(prompt, seed=out.seeds[i])`` gives image ``i`` again.
+Seeds: every image has its own seed (see ``dalle_flax.pipelines.seeds``), so
+``pipe(prompt, seed=out.seeds[i])`` regenerates image ``i`` alone, pixel for pixel.
 
 Progress: a tqdm bar over image tokens (``pipe.set_progress_bar_config(disable=True)`` turns it
 off), and ``callback_on_step_end(pipe, step, callback_kwargs)`` every ``callback_steps`` tokens,
 where ``step`` is the number of tokens sampled so far and ``callback_kwargs`` holds
-``"image_tokens"`` ((m, step) int32 codes of the m images of the current ``generate`` call),
-``"image_indices"`` (their indices in the call) and ``"preview"`` (m PIL images: the partial code
-map decoded, not yet sampled tokens painted gray). Its return value is ignored.
+``"image_indices"`` (indices in the call of the m images of the current ``generate`` call),
+``"image_tokens"`` ((m, step) int32 codes) and ``"preview"`` (m PIL images: the partial code map
+decoded, the tokens not sampled yet painted gray). Its return value is ignored.
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ import math
 import os
 import secrets
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -38,44 +34,28 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import Pipeline
 
-from ..hub_utils import HubOptions
 from ..image_utils import to_pil, to_uint8
 from ..modeling_flax_dalle_mini import FlaxDalleMiniForConditionalGeneration
 from ..processing_dalle_mini import DalleMiniProcessor
-from .loading import DalleMiniPipelineModel, TextOnlyComponents, missing_vqgan_error, resolve_dtype
+from .loading import DalleMiniPipelineModel, build_components
 from .pipeline_output import TextToImagePipelineOutput
+from .seeds import flatten_seeds, image_keys
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TextToImagePipeline", "grid_shape", "image_seeds"]
+__all__ = ["OUTPUT_TYPES", "TextToImagePipeline", "grid_shape"]
 
 OUTPUT_TYPES = ("pil", "np", "tokens")
-_GRAY = 128  # fill of not-yet-sampled tokens in previews
+_GRAY = 128  # fill of the not-yet-sampled tokens in previews
 _PREPROCESS_KEYS = ("negative_prompt", "num_images_per_prompt")
-_FORWARD_KEYS = ("guidance_scale", "condition_scale", "temperature", "top_k", "top_p", "do_sample",
-                 "suppress_tokens", "seed", "prng_key", "callback_on_step_end", "callback_steps",
+_GENERATE_KEYS = ("guidance_scale", "condition_scale", "temperature", "top_k", "top_p",
+                  "do_sample", "suppress_tokens")
+_FORWARD_KEYS = (*_GENERATE_KEYS, "seed", "prng_key", "callback_on_step_end", "callback_steps",
                  "callback_on_step_end_tensor_inputs", "batch_size")
 _POSTPROCESS_KEYS = ("output_type", "return_dict", "grid", "seamless")
-_GENERATE_KEYS = ("guidance_scale", "condition_scale", "temperature", "top_k", "top_p", "do_sample",
-                  "suppress_tokens")
 _DEFAULTS = {"num_images_per_prompt": 1, "output_type": "pil", "return_dict": False,
              "callback_steps": 32, "grid": False, "seamless": False,
              "callback_on_step_end_tensor_inputs": ("image_tokens", "preview")}
-
-
-def image_seeds(seed: int, num_images: int) -> list[int]:
-  """Per-image seeds of a call with ``seed=seed``: ``seed`` for image 0, then hashes of (seed, i).
-
-  Args:
-    seed: an int in [0, 2**32).
-    num_images: how many images the call makes (all prompts, prompt-major).
-
-  Returns:
-    ``num_images`` ints in [0, 2**32), deterministic across machines (numpy ``SeedSequence``).
-  """
-  _check_seed(seed, "seed")
-  return [seed] + [int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint32)[0])
-                   for i in range(1, num_images)]
 
 
 def grid_shape(num_images: int) -> tuple[int, int]:
@@ -84,49 +64,20 @@ def grid_shape(num_images: int) -> tuple[int, int]:
   return rows, num_images // rows
 
 
-def _check_seed(seed: Any, name: str) -> int:
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-    raise ValueError(f"{name} must be an int in [0, 2**32), got {seed!r}.")
-  return int(seed)
-
-
-def _flatten_seeds(seed: Any, num_prompts: int, num_images: int) -> list[int]:
-  """An int, a flat list of one seed per image, or a list per prompt (as ``out.seeds``)."""
-  if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-    return image_seeds(int(seed), num_prompts * num_images)
-  if not isinstance(seed, (list, tuple)):
-    raise TypeError(f"seed must be an int or a list of ints, got {type(seed).__name__}.")
-  if seed and all(isinstance(s, (list, tuple)) for s in seed):
-    if len(seed) != num_prompts or any(len(s) != num_images for s in seed):
-      raise ValueError(
-          f"seed given per prompt must be {num_prompts} lists of {num_images} ints (as out.seeds), "
-          f"got lengths {[len(s) for s in seed]}."
-      )
-    seed = [s for per_prompt in seed for s in per_prompt]
-  if len(seed) != num_prompts * num_images:
-    raise ValueError(
-        f"seed lists one seed per image: expected {num_prompts * num_images} ({num_prompts} "
-        f"prompt(s) x num_images_per_prompt={num_images}), got {len(seed)}."
-    )
-  return [_check_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
-
-
-def _image_keys(prng_key: Any, num_images: int) -> jax.Array:
-  """(num_images,) keys ``fold_in(prng_key, i)``: image i's key does not depend on batching."""
-  key = prng_key
-  if not jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
-    key = jax.random.wrap_key_data(np.asarray(key, np.uint32))
-  if key.shape != ():
-    raise ValueError(f"prng_key must be one key, got shape {key.shape}; use seed=[...] for per-image seeds.")
-  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, np.arange(num_images))
-
-
 def _nest(items: Sequence[Any], num_prompts: int, single: bool) -> Any:
   """Flat prompt-major items -> a list per prompt, or the flat list for a single prompt."""
   if single:
-    return items
+    return list(items)
   size = len(items) // num_prompts
-  return [items[p * size:(p + 1) * size] for p in range(num_prompts)]
+  return [list(items[p * size:(p + 1) * size]) for p in range(num_prompts)]
+
+
+def _positive_int(name: str, value: Any, none_ok: bool = False) -> int | None:
+  if value is None and none_ok:
+    return None
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name} must be a positive int{' or None' if none_ok else ''}, got {value!r}.")
+  return value
 
 
 class TextToImagePipeline(Pipeline):
@@ -141,9 +92,9 @@ class TextToImagePipeline(Pipeline):
       model and no processor is given.
     vqgan: replaces the model's VQGAN (a ``FlaxVQGANModel``, a folder or a repo id).
     task: the registered task name.
-    device: a jax device, an index into ``jax.devices()``, or a platform name ("cpu", "gpu");
-      parameters are moved there. None keeps them where they are.
-    dtype: only used when ``model`` is a path (transformers passes the one it loaded with).
+    device: a jax device, an index into ``jax.devices()``, or a platform name ("cpu", "gpu",
+      "cuda:1"); parameters are moved there. None keeps them where they are.
+    dtype: computation dtype when ``model`` is a path (transformers passes the one it used).
     batch_size: the most images per ``generate`` call (None: all images of a call at once).
     **kwargs: defaults for ``__call__`` arguments (e.g. ``guidance_scale=10.0``).
   """
@@ -170,7 +121,8 @@ class TextToImagePipeline(Pipeline):
     # No super().__init__(): it places a torch model on a torch device.
     kwargs.pop("binary_output", None)
     self._num_workers = kwargs.pop("num_workers", None)
-    self.model = self._build_components(model, processor, tokenizer, vqgan, dtype)
+    self.model = build_components(model, processor=processor, tokenizer=tokenizer, vqgan=vqgan,
+                                  dtype=dtype)
     self.task = task
     self.processor = self.model.processor
     self.tokenizer = self.processor.tokenizer
@@ -178,53 +130,21 @@ class TextToImagePipeline(Pipeline):
     self.binary_output = False
     self.call_count = 0
     self.device = self._place(device)
-    self._batch_size = self._check_batch_size(batch_size)
+    self._batch_size = _positive_int("batch_size", batch_size, none_ok=True)
     self._progress_bar_config: dict[str, Any] = {}
-    self._preprocess_params, self._forward_params, self._postprocess_params = self._sanitize_parameters(**kwargs)
+    defaults = self._sanitize_parameters(**kwargs)
+    self._preprocess_params, self._forward_params, self._postprocess_params = defaults
 
-  @staticmethod
-  def _build_components(model: Any, processor: Any, tokenizer: Any, vqgan: Any, dtype: Any) -> DalleMiniPipelineModel:
-    if isinstance(model, (str, os.PathLike)):
-      return DalleMiniPipelineModel.from_pretrained(model, vqgan=vqgan, processor=processor, dtype=dtype)
-    if isinstance(model, DalleMiniPipelineModel):
-      wanted = resolve_dtype(dtype)
-      if wanted is not None and wanted != model.dtype:
-        logger.warning("dtype=%s is ignored: the model is already loaded in %s; pass dtype when "
-                       "loading it.", wanted, model.dtype)
-      if vqgan is None and processor is None:
-        return model
-      text_model, name = model.text_model, model.name_or_path
-      vqgan = model.vqgan if vqgan is None else vqgan
-      processor = model.processor if processor is None else processor
-    elif isinstance(model, TextOnlyComponents):
-      if vqgan is None:
-        raise missing_vqgan_error(model.name_or_path, model.text_model.config.model_type)
-      text_model, name = model.text_model, model.name_or_path
-      processor = model.processor if processor is None else processor
-    elif isinstance(model, FlaxDalleMiniForConditionalGeneration):
-      text_model, name = model, ""
-      if vqgan is None:
-        raise ValueError(
-            "model is a text model only; pass vqgan=<FlaxVQGANModel, folder or repo id> (e.g. "
-            "'dalle-mini/vqgan_imagenet_f16_16384'), or load a whole pipeline by path."
-        )
-      if processor is None:
-        if tokenizer is None:
-          raise ValueError(
-              "model is a text model only; pass processor=DalleMiniProcessor.from_pretrained"
-              "(<text model repo>) or tokenizer=<its DalleBartTokenizer>."
-          )
-        config = model.config
-        processor = DalleMiniProcessor(tokenizer, normalize_text=bool(config.normalize_text),
-                                       max_text_length=config.max_text_length)
-    else:
-      raise TypeError(
-          "model must be a DalleMiniPipelineModel, a FlaxDalleMiniForConditionalGeneration or a "
-          f"folder / repo id, got {type(model).__name__}."
-      )
-    vqgan = DalleMiniPipelineModel._load_vqgan(vqgan, None, HubOptions())
-    processor = DalleMiniPipelineModel._load_processor(processor, {})
-    return DalleMiniPipelineModel(text_model, vqgan, processor, name_or_path=name)
+  @classmethod
+  def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+                      ) -> TextToImagePipeline:
+    """Loads the components (see :meth:`DalleMiniPipelineModel.from_pretrained` for the loading
+    keywords) and builds the pipeline; other keywords go to the constructor."""
+    load_keys = ("vqgan", "vqgan_revision", "processor", "revision", "cache_dir", "token",
+                 "local_files_only", "force_download", "dtype")
+    load_kwargs = {k: kwargs.pop(k) for k in load_keys if k in kwargs}
+    return cls(DalleMiniPipelineModel.from_pretrained(pretrained_model_name_or_path, **load_kwargs),
+               **kwargs)
 
   def _place(self, device: Any) -> jax.Device:
     if device is None:
@@ -241,26 +161,11 @@ class TextToImagePipeline(Pipeline):
       try:
         target = jax.devices(platform)[int(index or 0)]
       except (RuntimeError, IndexError, ValueError) as e:
-        raise ValueError(f"device {device!r} is not available to jax ({e}); jax sees {jax.devices()}.") from None
+        raise ValueError(f"device {device!r} is not available to jax ({e}); jax sees "
+                         f"{jax.devices()}.") from None
     for component in (self.model.text_model, self.model.vqgan):
       component.params = jax.device_put(component.params, target)
     return target
-
-  @staticmethod
-  def _check_batch_size(batch_size: Any) -> int | None:
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-      raise ValueError(f"batch_size must be a positive int (images per generate call) or None, got {batch_size!r}.")
-    return batch_size
-
-  @classmethod
-  def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> TextToImagePipeline:
-    """Loads the components (see :meth:`DalleMiniPipelineModel.from_pretrained` for the loading
-    keywords) and builds the pipeline; other keywords go to the constructor."""
-    load_keys = ("vqgan", "vqgan_revision", "processor", "revision", "cache_dir", "token",
-                 "local_files_only", "force_download", "dtype")
-    load_kwargs = {k: kwargs.pop(k) for k in load_keys if k in kwargs}
-    components = DalleMiniPipelineModel.from_pretrained(pretrained_model_name_or_path, **load_kwargs)
-    return cls(components, **kwargs)
 
   def __repr__(self) -> str:
     return f"{type(self).__name__}(model={self.model!r}, device={self.device})"
@@ -269,6 +174,10 @@ class TextToImagePipeline(Pipeline):
   def dtype(self) -> Any:
     return self.model.dtype
 
+  @property
+  def _image_length(self) -> int:
+    return self.model.config.text_config.image_length
+
   # --- progress ----------------------------------------------------------------------------------
   def set_progress_bar_config(self, **kwargs: Any) -> None:
     """Stores tqdm keyword arguments for the progress bar (``disable=True`` turns it off)."""
@@ -276,26 +185,26 @@ class TextToImagePipeline(Pipeline):
 
   def progress_bar(self, total: int) -> tqdm:
     """A tqdm bar over ``total`` image tokens, configured by :meth:`set_progress_bar_config`."""
-    config = {"desc": "Generating image tokens", "unit": "tok", **self._progress_bar_config}
-    return tqdm(total=total, **config)
+    return tqdm(total=total, **{"desc": "Generating image tokens", "unit": "tok",
+                                **self._progress_bar_config})
 
-  # --- transformers.Pipeline interface -----------------------------------------------------------
-  def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+  # --- transformers.Pipeline steps -----------------------------------------------------------------
+  def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict[str, Any], ...]:
     known = (*_PREPROCESS_KEYS, *_FORWARD_KEYS, *_POSTPROCESS_KEYS)
     unknown = sorted(set(kwargs) - set(known))
     if unknown:
-      raise TypeError(f"{type(self).__name__} got unknown argument(s) {unknown}; accepted: {sorted(known)}.")
-    pick = lambda keys: {k: kwargs[k] for k in keys if kwargs.get(k) is not None}  # noqa: E731
-    return pick(_PREPROCESS_KEYS), pick(_FORWARD_KEYS), pick(_POSTPROCESS_KEYS)
+      raise TypeError(f"{type(self).__name__} got unknown argument(s) {unknown}; accepted: "
+                      f"{sorted(known)}.")
+    return tuple({k: kwargs[k] for k in keys if kwargs.get(k) is not None}
+                 for keys in (_PREPROCESS_KEYS, _FORWARD_KEYS, _POSTPROCESS_KEYS))
 
-  def preprocess(
-      self, prompts: list[str], negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1
-  ) -> dict[str, np.ndarray]:
+  def preprocess(self, prompts: list[str], negative_prompt: str | list[str] | None = None,
+                 num_images_per_prompt: int = 1) -> dict[str, np.ndarray]:
     """Tokenizes prompts and negative prompts; one row per image (prompt-major).
 
     Returns:
-      ``input_ids``, ``attention_mask``, ``negative_prompt_ids``, ``negative_prompt_attention_mask``:
-      int32, each (len(prompts) * num_images_per_prompt, max_text_length).
+      ``input_ids``, ``attention_mask``, ``negative_prompt_ids``,
+      ``negative_prompt_attention_mask``: int32, each (b * n, max_text_length).
     """
     batch = self.processor(prompts, negative_prompt=negative_prompt)
     names = ("input_ids", "attention_mask", "negative_prompt_ids", "negative_prompt_attention_mask")
@@ -305,7 +214,7 @@ class TextToImagePipeline(Pipeline):
     return self._forward(model_inputs, **forward_params)
 
   def _forward(self, model_inputs: dict[str, Any], **forward_params: Any) -> dict[str, np.ndarray]:
-    """Samples the image tokens of one batch of images.
+    """Samples the image tokens of one batch of m images.
 
     Args:
       model_inputs: the arrays of :meth:`preprocess` for m images, plus ``seeds`` (m ints) or
@@ -327,22 +236,20 @@ class TextToImagePipeline(Pipeline):
     )
     return {"image_tokens": np.asarray(output.image_tokens, np.int32)}
 
-  def decode_image_tokens(
-      self, image_tokens: np.ndarray, *, grid: tuple[int, int] | None = None, seamless: bool = False
-  ) -> np.ndarray:
+  def decode_image_tokens(self, image_tokens: np.ndarray, *, grid: tuple[int, int] | None = None,
+                          seamless: bool = False) -> np.ndarray:
     """Decodes codes to float32 images in [0, 1].
 
     Images are decoded one at a time: a batched decode rounds differently in the last bits, and
-    an image regenerated alone from its seed must equal the one generated in a batch, pixel for
-    pixel (one compiled shape, too; the VQGAN is cheap next to sampling 256 tokens).
+    an image regenerated alone from its seed must equal the one made in a batch, pixel for
+    pixel (one compiled shape, too; the VQGAN is cheap next to sampling the tokens).
 
     Args:
       image_tokens: (m, image_length) codes; with ``grid=(rows, cols)`` m is a multiple of
         rows * cols and each group of rows * cols codes becomes one image.
-      grid: tile each group into one image (``seamless``: decode the tiled code map at once, so
-        tile borders blend, as min-dalle; else decode each image and paste them, in the order of
-        ``image_utils.make_image_grid``).
-      seamless: see ``grid``.
+      grid: tile each group into one image, in the order of ``image_utils.make_image_grid``.
+      seamless: with ``grid``, decode the tiled code map at once so tile borders blend
+        (min-dalle's seamless mode) instead of decoding each image and pasting them.
 
     Returns:
       (m, H, W, 3), or (m / (rows * cols), rows * H, cols * W, 3) with ``grid``.
@@ -350,28 +257,21 @@ class TextToImagePipeline(Pipeline):
     vqgan = self.model.vqgan
     if grid is not None and seamless:
       group = grid[0] * grid[1]
-      pixels = [vqgan.decode_seamless(image_tokens[i:i + group], *grid) for i in range(0, len(image_tokens), group)]
+      pixels = [vqgan.decode_seamless(image_tokens[i:i + group], *grid)
+                for i in range(0, len(image_tokens), group)]
     else:
       pixels = [vqgan.decode_code(image_tokens[i:i + 1]) for i in range(len(image_tokens))]
     images = np.clip(np.concatenate([np.asarray(p, np.float32) for p in pixels]), 0.0, 1.0)
     if grid is not None and not seamless:
-      rows, cols = grid
-      m, h, w, c = images.shape
+      (rows, cols), (m, h, w, c) = grid, images.shape
       images = (images.reshape(m // (rows * cols), rows, cols, h, w, c).transpose(0, 1, 3, 2, 4, 5)
                 .reshape(m // (rows * cols), rows * h, cols * w, c))
     return images
 
-  def postprocess(
-      self,
-      model_outputs: dict[str, Any],
-      *,
-      output_type: str = "pil",
-      return_dict: bool = False,
-      num_prompts: int = 1,
-      single: bool = True,
-  ) -> Any:
-    """Formats images (float arrays, or None for "tokens"), codes and seeds, nested per prompt."""
-    tokens, images, seeds = model_outputs["image_tokens"], model_outputs["images"], model_outputs["seeds"]
+  def postprocess(self, model_outputs: dict[str, Any], *, output_type: str = "pil",
+                  return_dict: bool = False, num_prompts: int = 1, single: bool = True) -> Any:
+    """Formats images (float arrays; None for "tokens"), codes and seeds, nested per prompt."""
+    tokens, images, seeds = (model_outputs[k] for k in ("image_tokens", "images", "seeds"))
     shape = (-1,) if single else (num_prompts, -1)
     image_tokens = tokens.reshape(*shape, tokens.shape[-1])
     if output_type == "tokens":
@@ -382,7 +282,7 @@ class TextToImagePipeline(Pipeline):
       result = _nest(to_pil(images), num_prompts, single)
     if not return_dict:
       return result
-    seeds = None if seeds is None else _nest(list(seeds), num_prompts, single)
+    seeds = None if seeds is None else _nest(seeds, num_prompts, single)
     return TextToImagePipelineOutput(images=result, image_tokens=image_tokens, seeds=seeds)
 
   # --- the call ----------------------------------------------------------------------------------
@@ -429,11 +329,11 @@ class TextToImagePipeline(Pipeline):
       callback_on_step_end: called as ``callback_on_step_end(pipe, step, callback_kwargs)``
         every ``callback_steps`` tokens (see the module docstring).
       callback_steps: tokens between callbacks and progress bar updates (default 32).
-      callback_on_step_end_tensor_inputs: which of "image_tokens", "preview" to compute for the
-        callback (default both; a preview costs a VQGAN decode).
+      callback_on_step_end_tensor_inputs: which of "image_tokens", "preview" the callback gets
+        (default both; a preview costs a VQGAN decode per image).
       batch_size: the most images per ``generate`` call (None: the constructor's, else all).
-      grid: return one grid image per prompt (n images, squarest rows x cols layout).
-      seamless: like ``grid`` but decode the tiled code map at once so borders blend.
+      grid: return one grid image per prompt (its n images, squarest rows x cols layout).
+      seamless: like ``grid``, but decode the tiled code map at once so the borders blend.
       **generate_kwargs: other ``generate`` settings (``do_sample``, ``suppress_tokens``).
 
     Returns:
@@ -442,58 +342,57 @@ class TextToImagePipeline(Pipeline):
       list. "tokens": (n, image_length) / (b, n, image_length) int32. With ``return_dict``, a
       :class:`TextToImagePipelineOutput`.
     """
-    # 1. Merge call arguments with the constructor's and the defaults; check them.
+    # 1. Merge the call's arguments with the constructor's and the defaults; check them.
     call = {k: v for k, v in locals().items() if k not in ("self", "prompt", "generate_kwargs")}
-    preprocess_params, forward_params, postprocess_params = self._sanitize_parameters(**call, **generate_kwargs)
-    params = {**_DEFAULTS, **self._preprocess_params, **self._forward_params, **self._postprocess_params,
-              **preprocess_params, **forward_params, **postprocess_params}
+    params = dict(_DEFAULTS)
+    for part in (self._preprocess_params, self._forward_params, self._postprocess_params,
+                 *self._sanitize_parameters(**call, **generate_kwargs)):
+      params.update(part)
     prompts, single = self._check_prompts(prompt)
-    n = params["num_images_per_prompt"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-      raise ValueError(f"num_images_per_prompt must be a positive int, got {n!r}.")
+    n = _positive_int("num_images_per_prompt", params["num_images_per_prompt"])
+    steps = _positive_int("callback_steps", params["callback_steps"])
     if params["output_type"] not in OUTPUT_TYPES:
       raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {params['output_type']!r}.")
-    steps = params["callback_steps"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-      raise ValueError(f"callback_steps must be a positive int, got {steps!r}.")
-    batch = self._check_batch_size(params.get("batch_size")) or len(prompts) * n
+    total = len(prompts) * n
+    batch = _positive_int("batch_size", params.get("batch_size", self._batch_size), none_ok=True)
     generation = {k: params[k] for k in _GENERATE_KEYS if k in params}
     self._warn_unused_negative_prompt(params, generation)
     self.call_count += 1
 
     # 2. Tokenize: one row per image, prompt-major.
     model_inputs = self.preprocess(prompts, params.get("negative_prompt"), n)
-    total = len(prompts) * n
 
     # 3. One seed (or key) per image.
     if params.get("seed") is not None and params.get("prng_key") is not None:
       raise ValueError("Pass either seed or prng_key, not both.")
     seeds = keys = None
     if params.get("prng_key") is not None:
-      keys = _image_keys(params["prng_key"], total)
+      keys = image_keys(params["prng_key"], total)
     else:
       seed = params.get("seed")
-      seeds = _flatten_seeds(secrets.randbelow(2**32) if seed is None else seed, len(prompts), n)
+      seeds = flatten_seeds(secrets.randbelow(2**32) if seed is None else seed, len(prompts), n)
 
     # 4. Sample image tokens, `batch` images per generate call.
-    bar = None if self._progress_bar_config.get("disable") else self.progress_bar(total * self._image_length)
+    disabled = self._progress_bar_config.get("disable")
+    bar = None if disabled else self.progress_bar(total * self._image_length)
     chunks = []
     try:
-      for start in range(0, total, batch):
-        stop = min(start + batch, total)
+      for start in range(0, total, batch or total):
+        stop = min(start + (batch or total), total)
         inputs = {k: v[start:stop] for k, v in model_inputs.items()}
         if seeds is not None:
           inputs["seeds"] = seeds[start:stop]
         else:
           inputs["prng_keys"] = keys[start:stop]
         callback = self._step_callback(bar, start, stop, params)
-        chunks.append(self.forward(inputs, callback=callback, callback_steps=steps, **generation)["image_tokens"])
+        outputs = self.forward(inputs, callback=callback, callback_steps=steps, **generation)
+        chunks.append(outputs["image_tokens"])
     finally:
       if bar is not None:
         bar.close()
     image_tokens = np.concatenate(chunks)  # (b * n, image_length)
 
-    # 5. Decode with the VQGAN (optionally tiling each prompt's images into one grid).
+    # 5. Decode with the VQGAN (tiling each prompt's images into one grid if asked).
     tiled = params["grid"] or params["seamless"]
     images = None
     if params["output_type"] != "tokens":
@@ -502,14 +401,11 @@ class TextToImagePipeline(Pipeline):
 
     # 6. Format the output.
     outputs = {"image_tokens": image_tokens, "images": images, "seeds": seeds}
-    return self.postprocess(outputs, output_type=params["output_type"], return_dict=params["return_dict"],
-                            num_prompts=len(prompts), single=single)
+    return self.postprocess(outputs, output_type=params["output_type"],
+                            return_dict=params["return_dict"], num_prompts=len(prompts),
+                            single=single)
 
-  # --- helpers -----------------------------------------------------------------------------------
-  @property
-  def _image_length(self) -> int:
-    return self.model.config.text_config.image_length
-
+  # --- helpers of __call__ -------------------------------------------------------------------------
   @staticmethod
   def _check_prompts(prompt: Any) -> tuple[list[str], bool]:
     if isinstance(prompt, str):
@@ -528,17 +424,16 @@ class TextToImagePipeline(Pipeline):
       logger.warning("negative_prompt has no effect without guidance; pass guidance_scale > 1 "
                      "(the dalle-mini notebook used 10).")
 
-  def _step_callback(
-      self, bar: tqdm | None, start: int, stop: int, params: dict[str, Any]
-  ) -> Callable[[int, np.ndarray], None] | None:
-    """The ``generate`` callback of images start..stop-1: progress bar and user callback."""
+  def _step_callback(self, bar: tqdm | None, start: int, stop: int, params: dict[str, Any]
+                     ) -> Callable[[int, np.ndarray], None] | None:
+    """The ``generate`` callback for images start..stop-1: progress bar and user callback."""
     user_callback = params.get("callback_on_step_end")
     if bar is None and user_callback is None:
-      return None  # generate then runs all tokens in one jitted scan
+      return None  # generate then samples every token in one jitted scan
     wanted = set(params["callback_on_step_end_tensor_inputs"])
-    unknown = wanted - {"image_tokens", "preview"}
-    if unknown:
-      raise ValueError(f"callback_on_step_end_tensor_inputs accepts 'image_tokens' and 'preview', got {sorted(unknown)}.")
+    if wanted - {"image_tokens", "preview"}:
+      raise ValueError("callback_on_step_end_tensor_inputs accepts 'image_tokens' and 'preview', "
+                       f"got {sorted(wanted)}.")
     done = [0]
 
     def on_step(step: int, tokens: np.ndarray) -> None:
@@ -556,7 +451,7 @@ class TextToImagePipeline(Pipeline):
     return on_step
 
   def preview(self, partial_tokens: np.ndarray) -> list[Image.Image]:
-    """Decodes partially sampled images; tokens not sampled yet are painted gray.
+    """Decodes partially sampled images; the tokens not sampled yet are painted gray.
 
     Args:
       partial_tokens: (m, k) codes, the first k of each image (row-major over the code map).
@@ -571,61 +466,22 @@ class TextToImagePipeline(Pipeline):
     codes[:, :k] = partial_tokens
     pixels = to_uint8(self.decode_image_tokens(codes))  # (m, H, W, 3)
     unsampled = (np.arange(length) >= k).reshape(side, side)
-    mask = np.repeat(np.repeat(unsampled, factor, axis=0), factor, axis=1)  # (H, W)
-    pixels[:, mask] = _GRAY
+    pixels[:, np.kron(unsampled, np.ones((factor, factor), bool))] = _GRAY  # mask (H, W)
     return to_pil(pixels)
 
   # --- saving ------------------------------------------------------------------------------------
-  def save_pretrained(
-      self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "10GB", model_card: bool = True,
-      push_to_hub: bool = False, **push_kwargs: Any,
-  ) -> None:
-    """Writes the single-folder pipeline layout (see ``dalle_flax.pipelines.loading``) and, unless
-    ``model_card=False``, a ``README.md`` model card. ``push_to_hub=True`` also uploads it to
-    ``push_kwargs["repo_id"]`` (default: the folder name)."""
-    folder = self.model.save_pretrained(save_directory, max_shard_size=max_shard_size)
-    if model_card:
-      (folder / "README.md").write_text(self.model_card(folder.name), encoding="utf-8")
+  def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "10GB",
+                      model_card: bool = True, push_to_hub: bool = False, **push_kwargs: Any) -> None:
+    """Writes the single-folder pipeline (see ``dalle_flax.pipelines.loading``) with a
+    ``README.md`` model card; ``push_to_hub=True`` also uploads it to ``push_kwargs["repo_id"]``
+    (default: the folder name)."""
+    folder = self.model.save_pretrained(save_directory, max_shard_size=max_shard_size,
+                                        model_card=model_card)
     if push_to_hub:
       repo_id = push_kwargs.pop("repo_id", None) or folder.name
       self.push_to_hub(repo_id, max_shard_size=max_shard_size, **push_kwargs)
 
-  def model_card(self, repo_id: str, tags: Sequence[str] | None = None) -> str:
-    """Renders the pipeline's model card (``model_cards/pipeline.md``) for ``repo_id``."""
-    from ..model_cards import render_model_card
-
-    source = self.model.name_or_path
-    base_model = source if source and not os.path.exists(source) else None
-    return render_model_card(
-        "pipeline.md", repo_id=repo_id, text_config=self.model.config.text_config,
-        vqgan_config=self.model.config.vqgan_config, image_size=self.model.config.image_size,
-        text_parameters=self.model.text_model.num_parameters(),
-        vqgan_parameters=self.model.vqgan.num_parameters(), base_model=base_model, tags=list(tags or ()))
-
-  def push_to_hub(
-      self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
-      private: bool | None = None, token: str | bool | None = None, revision: str | None = None,
-      create_pr: bool = False, max_shard_size: int | str = "10GB", tags: Sequence[str] | None = None,
-  ) -> str:
-    """Uploads the single-folder pipeline and its model card to ``repo_id`` in one commit.
-
-    Returns:
-      The commit URL.
-    """
-    import tempfile
-
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token if isinstance(token, str) else None)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None and revision != "main":
-      api.create_branch(repo_id, branch=revision, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="dalle-flax-push-") as tmp:
-      self.save_pretrained(tmp, max_shard_size=max_shard_size, model_card=False)
-      (Path(tmp) / "README.md").write_text(self.model_card(repo_id, tags), encoding="utf-8")
-      info = api.upload_folder(
-          repo_id=repo_id, folder_path=tmp, commit_message=commit_message or "Upload DALL·E mini pipeline",
-          commit_description=commit_description, revision=revision, create_pr=create_pr,
-          # weights of an earlier push (e.g. a single file replaced by shards) would shadow ours
-          delete_patterns=["*.safetensors", "*.msgpack", "*.index.json"])
-    return str(getattr(info, "commit_url", info))
+  def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+    """Uploads the single-folder pipeline and its model card to ``repo_id`` in one commit; see
+    :meth:`DalleMiniPipelineModel.push_to_hub` for the keywords. Returns the commit URL."""
+    return self.model.push_to_hub(repo_id, **kwargs)
