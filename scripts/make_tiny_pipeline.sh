@@ -17,4 +17,13 @@ rm -rf "$tmp/text/expected" "$tmp/vqgan/expected"
 out="$repo/tests/fixtures/tiny-dalle-mini"
 rm -rf "$out"
 "$python" -m dalle_flax.cli convert "$tmp/text" --vqgan "$tmp/vqgan" --out "$out"
+cat >> "$out/README.md" <<'CARD'
+
+## Test fixture
+
+Random tiny weights (16 image tokens from a 64-entry codebook, 64x64 images), converted from
+the golden fixtures `dallebart-mini-like` + `vqgan-f16-like` by `scripts/make_tiny_pipeline.sh`.
+It exercises the pipeline and is the CLI's default model in a source checkout; its images are
+not meaningful.
+CARD
 du -sh "$out"
