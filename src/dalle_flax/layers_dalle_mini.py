@@ -143,8 +143,8 @@ class KeySegment:
   """Keys/values attended to by a query block, with their positions and a validity mask.
 
   Attributes:
-    key: (b, m, h, hd) keys (already L2-normalised when cosine attention is on).
-    value: (b, m, h, hd).
+    key: (b, h, m, hd) keys (already L2-normalised when cosine attention is on).
+    value: (b, h, m, hd).
     positions: (m,) int32 key positions (for the Swin position bias).
     mask: bool, broadcastable to (b, 1, n, m); True = may attend.
   """
@@ -194,18 +194,21 @@ class Attention(nn.Module):
     self.weights_dropout = nn.Dropout(spec.attention_dropout, broadcast_dims=(0, 1))
 
   def _split(self, x: Array) -> Array:
-    return x.reshape(x.shape[:2] + (self.spec.num_heads, self.spec.head_dim))  # (b, n, h, hd)
+    # Head-major (b, h, n, hd): the attention matmuls batch over (b, h) with no transpose, so
+    # a cache stored this way is read in place at every decoding step.
+    x = x.reshape(x.shape[:2] + (self.spec.num_heads, self.spec.head_dim))  # (b, n, h, hd)
+    return jnp.swapaxes(x, 1, 2)
 
   def _unit(self, x: Array) -> Array:
     return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
 
   def query(self, x: Array) -> Array:
-    """(b, n, d) -> (b, n, h, hd) queries (unit-norm with cosine attention)."""
+    """(b, n, d) -> (b, h, n, hd) queries (unit-norm with cosine attention)."""
     q = self._split(self.q_proj(x))
     return self._unit(q) if self.spec.use_cosine_attention else q
 
   def key_value(self, x: Array) -> tuple[Array, Array]:
-    """(b, m, d) -> keys, values (b, m, h, hd); keys are unit-norm with cosine attention."""
+    """(b, m, d) -> keys, values (b, h, m, hd); keys are unit-norm with cosine attention."""
     k = self._split(self.k_proj(x))
     v = self._split(self.v_proj(x))
     return (self._unit(k) if self.spec.use_cosine_attention else k), v
@@ -220,7 +223,7 @@ class Attention(nn.Module):
     """Attention output projected back to d_model.
 
     Args:
-      q: (b, n, h, hd) from :meth:`query`.
+      q: (b, h, n, hd) from :meth:`query`.
       segments: key/value blocks; the softmax runs over all of them jointly.
       q_positions: (n,) int32 query positions (Swin bias only).
 
@@ -231,7 +234,7 @@ class Attention(nn.Module):
     scale = 1.0 / spec.tau if spec.use_cosine_attention else 1.0 / math.sqrt(spec.head_dim)
     logits = []
     for seg in segments:
-      lg = jnp.einsum("bqhd,bkhd->bhqk", q, seg.key).astype(jnp.float32) * scale  # (b, h, n, m)
+      lg = jnp.einsum("bhqd,bhkd->bhqk", q, seg.key).astype(jnp.float32) * scale  # (b, h, n, m)
       if spec.use_swin_position_embeddings:
         lg = lg + self._position_bias(q_positions, seg.positions)
       if seg.mask is not None:
@@ -248,7 +251,7 @@ class Attention(nn.Module):
     out = 0.0
     start = 0
     for seg, size in zip(segments, sizes):
-      out = out + jnp.einsum("bhqk,bkhd->bqhd", weights[..., start : start + size], seg.value)
+      out = out + jnp.einsum("bhqk,bhkd->bqhd", weights[..., start : start + size], seg.value)
       start += size
     if spec.use_head_scale:
       out = out * self.head_scale  # NormFormer per-head scale
@@ -385,13 +388,13 @@ class DecoderLayer(nn.Module):
       past_k, past_v, cross_k, cross_v, text_mask, position = args
       positions = position + jnp.arange(x.shape[1])
       # Past slots are valid strictly before the chunk; the chunk itself is causal below.
-      past_positions = jnp.arange(past_k.shape[1])
+      past_positions = jnp.arange(past_k.shape[2])
       past = [KeySegment(past_k, past_v, past_positions, (past_positions < position)[None, None, None, :])]
       self_mask = None
     causal = (positions[None, :] <= positions[:, None])[None, None]  # (1, 1, n, n)
     if self_mask is not None:
       causal = causal & self_mask
-    cross_positions = jnp.arange(cross_k.shape[1])
+    cross_positions = jnp.arange(cross_k.shape[2])
     norm = NormNamer(spec)
     new_kv: list[Array] = []
 
@@ -473,7 +476,7 @@ DECODER_IN_AXES = {
 class DecoderStack(nn.Module):
   """The decoder layers; ``mode`` selects the :class:`DecoderLayer` entry point.
 
-  Per-layer outputs (cross or chunk keys/values) come back stacked: (layers, b, m, h, hd).
+  Per-layer outputs (cross or chunk keys/values) come back stacked: (layers, b, h, m, hd).
   """
 
   stack: StackSpec

@@ -155,9 +155,10 @@ class DecoderCache:
   as the attention uses them (L2-normalised when ``use_cosine_attention``).
 
   Attributes:
-    self_key / self_value: (layers, b, decoder_positions, heads, head_dim); slot p holds
-      the keys/values of decoder position p once it has been decoded.
-    cross_key / cross_value: (layers, b, t, heads, head_dim), from the encoder output.
+    self_key / self_value: (layers, b, heads, decoder_positions, head_dim); slot p holds
+      the keys/values of decoder position p once it has been decoded. Heads come before
+      positions so that attention reads the cache in place (no per-step transpose).
+    cross_key / cross_value: (layers, b, heads, t, head_dim), from the encoder output.
     text_mask: (b, t) bool, True for real text tokens.
     length: () int32, number of decoder positions written (the next position to decode).
   """
@@ -258,7 +259,7 @@ class Decoder(nn.Module):
     return self._final(x)
 
   def cross_kv(self, encoder_out: Array) -> tuple[Array, Array]:
-    """(b, t, d) -> cross-attention keys, values (layers, b, t, h, hd)."""
+    """(b, t, d) -> cross-attention keys, values (layers, b, h, t, hd)."""
     _, kv = self.layers("cross_kv", encoder_out)
     return kv
 
@@ -266,7 +267,7 @@ class Decoder(nn.Module):
     """A chunk of c tokens at positions ``position + arange(c)`` against the cache.
 
     Returns:
-      hidden states (b, c, d) and the chunk's self-attention keys, values (layers, b, c, h, hd).
+      hidden states (b, c, d) and the chunk's self-attention keys, values (layers, b, h, c, hd).
     """
     x = self._embed(ids, position + jnp.arange(ids.shape[1]))
     x, (keys, values) = self.layers(
@@ -333,8 +334,8 @@ class DalleBartModule(nn.Module):
     """Empty self-attention cache and cross-attention keys/values computed once."""
     spec = self.spec.decoder
     cross_key, cross_value = self.model.decoder.cross_kv(encoder_out)
-    shape = (self.spec.decoder_layers, encoder_out.shape[0], self.spec.decoder_positions,
-             spec.num_heads, spec.head_dim)
+    shape = (self.spec.decoder_layers, encoder_out.shape[0], spec.num_heads, self.spec.decoder_positions,
+             spec.head_dim)
     return DecoderCache(
         self_key=jnp.zeros(shape, cross_key.dtype),
         self_value=jnp.zeros(shape, cross_value.dtype),
@@ -357,7 +358,7 @@ class DalleBartModule(nn.Module):
     """
     position = jnp.asarray(position, jnp.int32)
     hidden, keys, values = self.model.decoder.cached(tokens, position, cache)
-    start = (0, 0, position, 0, 0)
+    start = (0, 0, 0, position, 0)
     cache = cache.replace(
         self_key=jax.lax.dynamic_update_slice(cache.self_key, keys.astype(cache.self_key.dtype), start),
         self_value=jax.lax.dynamic_update_slice(cache.self_value, values.astype(cache.self_value.dtype), start),
@@ -546,10 +547,10 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
       start = int(position)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
       start = None  # traced inside the caller's jit: no check possible
-    if start is not None and not 0 <= start <= cache.self_key.shape[2] - tokens.shape[1]:
+    if start is not None and not 0 <= start <= cache.self_key.shape[3] - tokens.shape[1]:
       raise ValueError(
           f"cannot decode {tokens.shape[1]} token(s) at position {start}: the cache holds "
-          f"{cache.self_key.shape[2]} positions"
+          f"{cache.self_key.shape[3]} positions"
       )
     return self._apply(params, tokens, position, cache, method="decode_chunk")
 

@@ -93,7 +93,7 @@ def test_cache_decoding_equals_teacher_forcing(combo):
   assert int(cache.length) == 8
   positions = model.config.decoder_positions
   layers = model.config.decoder_layers
-  assert cache.self_key.shape == (layers, 2, positions, 4, 8) and cache.cross_key.shape == (layers, 2, 6, 4, 8)
+  assert cache.self_key.shape == (layers, 2, 4, positions, 8) and cache.cross_key.shape == (layers, 2, 4, 6, 8)
 
 
 def test_decode_api_contract():
@@ -111,7 +111,7 @@ def test_decode_api_contract():
   np.testing.assert_allclose(logits, full[:, 0], atol=1e-5)
   # decode() with a cache continues at cache.length (a chunk of 3 tokens)
   more, cache = model.decode(IMAGE_IDS[:, 1:4], cache=cache)
-  assert int(cache.length) == 4 and not bool(cache.self_key[:, :, 4:].any())  # only decoded slots written
+  assert int(cache.length) == 4 and not bool(cache.self_key[:, :, :, 4:].any())  # only decoded slots written
   np.testing.assert_allclose(more, full[:, 1:4], atol=1e-5)
   # decode() without a cache is teacher forcing from position 0
   teacher, no_cache = model.decode(IMAGE_IDS, encoder_out, TEXT_MASK)
