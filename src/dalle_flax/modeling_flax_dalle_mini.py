@@ -23,6 +23,7 @@ Differences from the original, on purpose:
 """
 
 import dataclasses
+import difflib
 import functools
 import logging
 import math
@@ -418,6 +419,14 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
   @classmethod
   def config_from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> DalleBartConfig:
     """Reads DalleBart configs as they are and 2021 seed configs through ``convert_bart2021_config``."""
+    known = {f.name for f in dataclasses.fields(DalleBartConfig)} | set(DalleBartConfig.attribute_map)
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+      hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+      raise TypeError(
+          f"unknown DalleBartConfig key(s) {unknown} passed to from_pretrained"
+          + "".join(f"; did you mean {h[0]!r} for {k!r}?" for k, h in hints.items() if h)
+      )
     model_type = config_dict.get("model_type", "dallebart")
     if is_bart2021_config(config_dict):
       return convert_bart2021_config(config_dict, **kwargs)

@@ -190,6 +190,16 @@ def test_dtypes():
   assert out.logits.dtype == jnp.bfloat16
 
 
+def test_config_from_dict_checks_model_type_and_overrides():
+  load = FlaxDalleMiniForConditionalGeneration.config_from_dict
+  assert load({"model_type": "dallebart", "d_model": 64, "encoder_attention_heads": 4,
+               "decoder_attention_heads": 4}, use_scan=False).use_scan is False
+  with pytest.raises(TypeError, match=r"unknown DalleBartConfig key\(s\) \['use_scann'\].*did you mean 'use_scan'"):
+    load({"model_type": "dallebart"}, use_scann=False)
+  with pytest.raises(ValueError, match="model_type 'vqgan'.*loads 'dallebart' checkpoints"):
+    load({"model_type": "vqgan"})
+
+
 # --------------------------------------------------------------------------- initialisation
 def test_deepnet_and_subln_gains():
   n, m = 2, 2
