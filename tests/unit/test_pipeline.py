@@ -6,6 +6,7 @@ recompiles (~8 s on 2 cores); the module enables jax's persistent compilation ca
 temporary folder, shared with the torch-blocked subprocess, so a recompile is a disk hit.
 """
 
+import importlib.util
 import io
 import json
 import os
@@ -263,6 +264,12 @@ def test_known_text_repos_get_their_pinned_vqgan(local_hub, legacy_copies, pipe)
   hub_pipe.set_progress_bar_config(disable=True)
   np.testing.assert_array_equal(hub_pipe(PROMPTS, seed=2, output_type="tokens"),
                                 pipe(PROMPTS, seed=2, output_type="tokens"))
+  # no model: DEFAULT_MODEL, mini-1, in both factories
+  assert dalle_flax.pipeline("text-to-image").model.name_or_path == "dalle-mini/dalle-mini"
+  if importlib.util.find_spec("torch") is not None:
+    import transformers
+
+    assert transformers.pipeline("text-to-image").model.name_or_path == "dalle-mini/dalle-mini"
   local_hub.api.create_repo("someone/text-only")
   local_hub.api.upload_folder(repo_id="someone/text-only", folder_path=text)
   with pytest.raises(ValueError, match="not a known DALL·E mini repo"):

@@ -15,7 +15,7 @@ import logging
 from .clip_rerank import rerank_with_clip
 from .configuration import DalleMiniConfig
 from .configuration import register as _register_config
-from .factory import SUPPORTED_TASKS, pipeline
+from .factory import DEFAULT_MODEL, SUPPORTED_TASKS, pipeline
 from .loading import KNOWN_VQGANS, DalleMiniPipelineModel
 from .pipeline_output import TextToImagePipelineOutput
 from .seeds import image_seeds
@@ -24,6 +24,7 @@ from .text_to_image import TextToImagePipeline, grid_shape
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_MODEL",
     "KNOWN_VQGANS",
     "SUPPORTED_TASKS",
     "DalleMiniConfig",
@@ -49,4 +50,5 @@ def register() -> None:
   if current is not None and current.get("impl") is TextToImagePipeline:
     return
   PIPELINE_REGISTRY.register_pipeline(
-      TASK, pipeline_class=TextToImagePipeline, pt_model=DalleMiniPipelineModel, type="multimodal")
+      TASK, pipeline_class=TextToImagePipeline, pt_model=DalleMiniPipelineModel,
+      default={"model": DEFAULT_MODEL}, type="multimodal")

@@ -8,14 +8,19 @@ does); this factory builds the same :class:`TextToImagePipeline` with JAX only.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from .text_to_image import TextToImagePipeline
 
-__all__ = ["SUPPORTED_TASKS", "pipeline"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_MODEL", "SUPPORTED_TASKS", "pipeline"]
 
 SUPPORTED_TASKS = {"text-to-image": TextToImagePipeline}
+DEFAULT_MODEL = ("dalle-mini/dalle-mini", "main")
+"""(repo id, revision) used when no model is given, here and in transformers' factory."""
 
 
 def pipeline(
@@ -34,7 +39,8 @@ def pipeline(
     task: "text-to-image".
     model: a single-folder pipeline or a text model (folder or repo id), a
       ``DalleMiniPipelineModel``, or a ``FlaxDalleMiniForConditionalGeneration`` (then pass
-      ``vqgan`` and ``processor`` / ``tokenizer``).
+      ``vqgan`` and ``processor`` / ``tokenizer``). None: :data:`DEFAULT_MODEL` (mini-1, a
+      1.75 GB download), with a warning, as transformers' ``pipeline`` does.
     vqgan: the VQGAN (repo id, folder or ``FlaxVQGANModel``); needed for text-only repos that
       are not one of the released DALL·E mini models.
     revision: branch, tag or commit of ``model``.
@@ -49,15 +55,14 @@ def pipeline(
 
   Raises:
     KeyError: an unknown task.
-    ValueError: no model given.
   """
   if task not in SUPPORTED_TASKS:
     raise KeyError(f"Unknown task {task!r}; dalle_flax supports {sorted(SUPPORTED_TASKS)}.")
   if model is None:
-    raise ValueError(
-        "pipeline() needs model=: a pipeline folder or repo id, or a released text model such as "
-        "'dalle-mini/dalle-mini' (its VQGAN is found automatically)."
-    )
+    model, default_revision = DEFAULT_MODEL
+    revision = revision or default_revision
+    logger.warning("No model was supplied, defaulted to %s at revision %s; pass model= (a pipeline "
+                   "folder or repo id) to choose.", model, revision)
   pipeline_class = SUPPORTED_TASKS[task]
   if isinstance(model, (str, os.PathLike)):
     return pipeline_class.from_pretrained(model, vqgan=vqgan, revision=revision, dtype=dtype,

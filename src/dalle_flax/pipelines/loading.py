@@ -263,16 +263,16 @@ class DalleMiniPipelineModel:
         vqgan = FlaxVQGANModel.from_pretrained(
             path, subfolder=VQGAN_SUBFOLDER, config=pipeline_config.vqgan_config, **hub)
     else:
+      known = _known_vqgan(path) if vqgan is None else None
+      if vqgan is None and known is None and not from_factory:
+        raise missing_vqgan_error(path, raw.get("model_type"))  # before reading gigabytes
       logger.info("Loading the text model %s", path)
       text_model = FlaxDalleMiniForConditionalGeneration.from_pretrained(
           path, dtype=model_dtype, **hub)
+      if vqgan is None and known is None:
+        processor = cls._load_processor(processor if processor is not None else path, hub)
+        return TextOnlyComponents(text_model, processor, path)
       if vqgan is None:
-        known = _known_vqgan(path)
-        if known is None and from_factory:
-          processor = cls._load_processor(processor if processor is not None else path, hub)
-          return TextOnlyComponents(text_model, processor, path)
-        if known is None:
-          raise missing_vqgan_error(path, raw.get("model_type"))
         vqgan, vqgan_revision = known
         logger.info("Using %s's VQGAN %s @ %s", path, vqgan, vqgan_revision)
     vqgan_model = cls._load_vqgan(vqgan, vqgan_revision, options)
