@@ -140,11 +140,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
       yield f
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
