@@ -203,3 +203,16 @@ def test_sample_token_respects_top_k():
 def test_apply_guidance_formula():
   c, u = jnp.array([2.0]), jnp.array([1.0])
   assert float(apply_guidance(c, u, jnp.float32(10.0))[0]) == 11.0
+
+
+def test_legacy_beam_settings_are_dropped():
+  from dalle_flax.generation import default_generation_config
+
+  config = FakeModel().config
+  legacy = {"num_beams": 4, "no_repeat_ngram_size": 3, "length_penalty": 2.0, "do_sample": False,
+            "max_length": 142, "min_length": 56, "top_k": 8}
+  generation_config = default_generation_config(config, legacy)
+  assert generation_config.num_beams in (None, 1)
+  assert generation_config.no_repeat_ngram_size in (None, 0)
+  assert generation_config.do_sample is False and generation_config.top_k == 8
+  assert generation_config.max_length == LENGTH + 1 and generation_config.min_length is None

@@ -65,7 +65,10 @@ def enable_compilation_cache(cache_dir):
 
 
 def cache_env(cache_dir):
-  return {"JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+  # the same XLA optimisation level as this process (conftest lowers it for unit tests), so a
+  # subprocess computes bit-identical numbers
+  same_opt = "1" if jax.config.values.get("jax_disable_most_optimizations") else "0"
+  return {"JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_DISABLE_MOST_OPTIMIZATIONS": same_opt,
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 

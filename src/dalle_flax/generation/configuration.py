@@ -45,6 +45,10 @@ _SUPPORTED = {
 }
 
 
+_LEGACY_KEYS = {"do_sample", "top_k", "top_p", "temperature", "max_length", "decoder_start_token_id",
+                "bos_token_id", "eos_token_id", "pad_token_id"}
+
+
 def default_generation_config(config: Any, legacy: Mapping[str, Any] | None = None) -> GenerationConfig:
   """The generation config of a DalleBart model.
 
@@ -59,7 +63,9 @@ def default_generation_config(config: Any, legacy: Mapping[str, Any] | None = No
     ``suppress_tokens`` lists the ids the VQGAN cannot decode (``decoder_start_token_id`` and
     the padding rows above it). Pass ``suppress_tokens=[]`` for the original behaviour.
   """
-  source = dict(legacy) if legacy is not None else {}
+  # Only the keys our loop honours: the 2021 seed's config.json still carries BART-CNN's beam
+  # search settings (num_beams 4, no_repeat_ngram_size 3...), which its notebooks overrode.
+  source = {k: v for k, v in (legacy or {}).items() if k in _LEGACY_KEYS}
   for key in ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
     source.setdefault(key, getattr(config, key, None))
   generation_config = GenerationConfig.from_model_config(source)
