@@ -140,16 +140,20 @@ def main() -> None:
   parser.add_argument("--guidance-scale", type=float, default=10.0)
   parser.add_argument("--min-dalle-steps", type=int, default=32)
   parser.add_argument("--skip-min-dalle", action="store_true")
+  parser.add_argument("--layout", choices=["unscanned", "scanned"], default="unscanned",
+                      help="layer layout (the pipeline loads unscanned for inference)")
   args = parser.parse_args()
 
   cfg = MINI if args.model == "mini" else MEGA
   dtype = jnp.dtype(args.dtype)
+  cfg = dict(cfg, use_scan=args.layout == "scanned")
   model = FlaxDalleMiniForConditionalGeneration(DalleBartConfig(**cfg), dtype=dtype, param_dtype=dtype, _do_init=False)
   params = random_params(model, dtype)
   bandwidth = measure_bandwidth_gbs()
   weight_bytes = decoder_bytes(params)
   report = {
-      "model": args.model, "dtype": args.dtype, "guidance_scale": args.guidance_scale,
+      "model": args.model, "dtype": args.dtype, "layout": args.layout,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), "guidance_scale": args.guidance_scale,
       "backend": jax.default_backend(), "device": str(jax.devices()[0]),
       "cpu_count": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
       "params": model.num_parameters(params),

@@ -30,6 +30,7 @@ registered model class), so it accepts the keyword arguments that factory passes
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -49,6 +50,11 @@ from ..processing_dalle_mini import DalleMiniProcessor
 from .configuration import DalleMiniConfig
 
 logger = logging.getLogger(__name__)
+
+# Inference loads the layers unrolled: with scanned (stacked) layers XLA slices every layer's
+# weights out of the stack at each decode step, which made a mini decode step 1.45x slower on
+# CPU (benchmarks/bench_generate.py --layout). Remat is a training-only memory trade.
+INFERENCE_LAYOUT = {"use_scan": False, "gradient_checkpointing": False}
 
 __all__ = [
     "KNOWN_VQGANS",
@@ -257,8 +263,10 @@ class DalleMiniPipelineModel:
       pipeline_config = config if isinstance(config, DalleMiniConfig) else None
       pipeline_config = pipeline_config or DalleMiniConfig.from_dict(raw)
       logger.info("Loading the single-folder pipeline %s", path)
+      text_config = copy.deepcopy(pipeline_config.text_config)
+      text_config.update(INFERENCE_LAYOUT)
       text_model = FlaxDalleMiniForConditionalGeneration.from_pretrained(
-          path, config=pipeline_config.text_config, dtype=model_dtype, **hub)
+          path, config=text_config, dtype=model_dtype, **hub)
       if vqgan is None:
         vqgan = FlaxVQGANModel.from_pretrained(
             path, subfolder=VQGAN_SUBFOLDER, config=pipeline_config.vqgan_config, **hub)
@@ -268,7 +276,7 @@ class DalleMiniPipelineModel:
         raise missing_vqgan_error(path, raw.get("model_type"))  # before reading gigabytes
       logger.info("Loading the text model %s", path)
       text_model = FlaxDalleMiniForConditionalGeneration.from_pretrained(
-          path, dtype=model_dtype, **hub)
+          path, dtype=model_dtype, **INFERENCE_LAYOUT, **hub)
       if vqgan is None and known is None:
         processor = cls._load_processor(processor if processor is not None else path, hub)
         return TextOnlyComponents(text_model, processor, path)
