@@ -363,8 +363,8 @@ class DecoderLayer(nn.Module):
   * ``"full"``: teacher forcing, ``(x, encoder_out, text_mask, self_mask, positions)``.
   * ``"cross_kv"``: ``(encoder_out,)`` -> cross-attention keys/values, computed once.
   * ``"cached"``: a chunk of c tokens at ``position`` attending to a KV cache:
-    ``(x, past_k, past_v, cross_k, cross_v, text_mask, position)``; returns the chunk's
-    own keys/values for the caller to write into the cache.
+    ``(x, past_k, past_v, cross_k, cross_v, text_mask, position)``; writes the chunk's
+    keys/values into the layer's cache and returns the updated cache keys/values.
   """
 
   spec: BlockSpec
@@ -383,13 +383,9 @@ class DecoderLayer(nn.Module):
     if self.mode == "full":
       encoder_out, text_mask, self_mask, positions = args
       cross_k, cross_v = cross_attn.key_value(encoder_out)
-      past = []
     else:
       past_k, past_v, cross_k, cross_v, text_mask, position = args
       positions = position + jnp.arange(x.shape[1])
-      # Past slots are valid strictly before the chunk; the chunk itself is causal below.
-      past_positions = jnp.arange(past_k.shape[2])
-      past = [KeySegment(past_k, past_v, past_positions, (past_positions < position)[None, None, None, :])]
       self_mask = None
     causal = (positions[None, :] <= positions[:, None])[None, None]  # (1, 1, n, n)
     if self_mask is not None:
@@ -399,10 +395,18 @@ class DecoderLayer(nn.Module):
     new_kv: list[Array] = []
 
     def self_attention(h: Array) -> Array:
-      k, v = self_attn.key_value(h)
-      new_kv.extend((k, v))
-      segments = past + [KeySegment(k, v, positions, causal)]
-      return self_attn.attend(self_attn.query(h), segments, positions)
+      k, v = self_attn.key_value(h)  # (b, h, c, hd)
+      if self.mode != "cached":
+        return self_attn.attend(self_attn.query(h), [KeySegment(k, v, positions, causal)], positions)
+      # Write the chunk into the cache first, then attend over the whole cache: the cache is
+      # only read after the write, so XLA updates it in place (no per-step copy).
+      start = (0, 0, position, 0)
+      cache_k = jax.lax.dynamic_update_slice(past_k, k.astype(past_k.dtype), start)
+      cache_v = jax.lax.dynamic_update_slice(past_v, v.astype(past_v.dtype), start)
+      new_kv.extend((cache_k, cache_v))
+      slots = jnp.arange(past_k.shape[2])
+      visible = (slots[None, :] <= positions[:, None])[None, None]  # (1, 1, c, slots)
+      return self_attn.attend(self_attn.query(h), [KeySegment(cache_k, cache_v, slots, visible)], positions)
 
     def cross_attention(h: Array) -> Array:
       segment = KeySegment(cross_k, cross_v, cross_positions, text_mask)
@@ -500,4 +504,8 @@ class DecoderStack(nn.Module):
       x, out = layer(block, adds_norm(block.ln_positions, i, num), i != num - 1, self.deterministic, mode,
                      name=f"FlaxBartDecoderLayer_{i}")(x, *layer_args)
       outputs.append(out)
-    return x, (None if outputs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs))
+    if outputs[0] is None:
+      return x, None
+    if mode == "cached":  # per-layer caches stay separate arrays (see DecoderCache)
+      return x, tuple(zip(*outputs))
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *outputs)

@@ -152,24 +152,34 @@ def model_spec(config: Any, dtype: Any = jnp.float32, param_dtype: Any = jnp.flo
 class DecoderCache:
   """Decoder state for incremental decoding: plain arrays, a valid ``lax.scan`` carry.
 
-  Layer caches are always stacked on a leading layer axis (scanned or not). Keys are stored
-  as the attention uses them (L2-normalised when ``use_cosine_attention``).
+  With scanned layers each field is stacked on a leading layer axis; with unrolled layers it
+  is a tuple with one array per layer, so a step reads and updates each layer's cache in place
+  (slicing a stacked cache made XLA copy every layer's slice at every step: a mini step at
+  batch 8 spent more time copying the cache than in attention). Keys are stored as the
+  attention uses them (L2-normalised when ``use_cosine_attention``).
 
   Attributes:
-    self_key / self_value: (layers, b, heads, decoder_positions, head_dim); slot p holds
-      the keys/values of decoder position p once it has been decoded. Heads come before
-      positions so that attention reads the cache in place (no per-step transpose).
-    cross_key / cross_value: (layers, b, heads, t, head_dim), from the encoder output.
+    self_key / self_value: (layers, b, heads, decoder_positions, head_dim) or a tuple of
+      ``layers`` (b, heads, decoder_positions, head_dim) arrays; slot p holds the keys/values
+      of decoder position p once it has been decoded. Heads come before positions so that
+      attention reads the cache in place (no per-step transpose).
+    cross_key / cross_value: (layers, b, heads, t, head_dim) or a per-layer tuple, from the
+      encoder output.
     text_mask: (b, t) bool, True for real text tokens.
     length: () int32, number of decoder positions written (the next position to decode).
   """
 
-  self_key: Array
-  self_value: Array
-  cross_key: Array
-  cross_value: Array
+  self_key: Array | tuple[Array, ...]
+  self_value: Array | tuple[Array, ...]
+  cross_key: Array | tuple[Array, ...]
+  cross_value: Array | tuple[Array, ...]
   text_mask: Array
   length: Array
+
+  @property
+  def num_positions(self) -> int:
+    """Decoder positions the cache holds."""
+    return self.self_key[0].shape[2]  # layer 0 of a stack or of a tuple: (b, h, positions, hd)
 
 
 @flax.struct.dataclass
@@ -268,7 +278,8 @@ class Decoder(nn.Module):
     """A chunk of c tokens at positions ``position + arange(c)`` against the cache.
 
     Returns:
-      hidden states (b, c, d) and the chunk's self-attention keys, values (layers, b, h, c, hd).
+      hidden states (b, c, d) and the updated self-attention cache keys, values (stacked
+      (layers, b, h, positions, hd) when scanned, else per-layer tuples).
     """
     x = self._embed(ids, position + jnp.arange(ids.shape[1]))
     x, (keys, values) = self.layers(
@@ -337,9 +348,13 @@ class DalleBartModule(nn.Module):
     cross_key, cross_value = self.model.decoder.cross_kv(encoder_out)
     shape = (self.spec.decoder_layers, encoder_out.shape[0], spec.num_heads, self.spec.decoder_positions,
              spec.head_dim)
+    self_key, self_value = jnp.zeros(shape, cross_key.dtype), jnp.zeros(shape, cross_value.dtype)
+    if not self.spec.use_scan:  # one array per layer (see DecoderCache)
+      self_key, self_value, cross_key, cross_value = (
+          tuple(a[i] for i in range(a.shape[0])) for a in (self_key, self_value, cross_key, cross_value))
     return DecoderCache(
-        self_key=jnp.zeros(shape, cross_key.dtype),
-        self_value=jnp.zeros(shape, cross_value.dtype),
+        self_key=self_key,
+        self_value=self_value,
         cross_key=cross_key,
         cross_value=cross_value,
         text_mask=attention_mask.astype(bool),
@@ -359,12 +374,8 @@ class DalleBartModule(nn.Module):
     """
     position = jnp.asarray(position, jnp.int32)
     hidden, keys, values = self.model.decoder.cached(tokens, position, cache)
-    start = (0, 0, 0, position, 0)
-    cache = cache.replace(
-        self_key=jax.lax.dynamic_update_slice(cache.self_key, keys.astype(cache.self_key.dtype), start),
-        self_value=jax.lax.dynamic_update_slice(cache.self_value, values.astype(cache.self_value.dtype), start),
-        length=position + tokens.shape[1],
-    )
+    # the layers wrote the chunk into their caches: stacked when scanned, per-layer tuples if not
+    cache = cache.replace(self_key=keys, self_value=values, length=position + tokens.shape[1])
     return self._logits(hidden), cache
 
   def decode_step(self, token: Array, position: Array, cache: DecoderCache) -> tuple[Array, DecoderCache]:
@@ -556,10 +567,10 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
       start = int(position)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
       start = None  # traced inside the caller's jit: no check possible
-    if start is not None and not 0 <= start <= cache.self_key.shape[3] - tokens.shape[1]:
+    if start is not None and not 0 <= start <= cache.num_positions - tokens.shape[1]:
       raise ValueError(
           f"cannot decode {tokens.shape[1]} token(s) at position {start}: the cache holds "
-          f"{cache.self_key.shape[3]} positions"
+          f"{cache.num_positions} positions"
       )
     return self._apply(params, tokens, position, cache, method="decode_chunk")
 

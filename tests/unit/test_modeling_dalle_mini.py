@@ -19,6 +19,12 @@ from dalle_flax.layers_dalle_mini import Attention
 from dalle_flax.modeling_flax_dalle_mini import model_spec
 from dalle_flax.modeling_flax_utils import flatten_params, unflatten_params
 
+
+def stacked(layers):
+  """A cache field as one (layers, ...) array: stacked (scanned) or a per-layer tuple (unrolled)."""
+  return jnp.stack(layers) if isinstance(layers, tuple) else layers
+
+
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 
 TINY = dict(
@@ -93,7 +99,7 @@ def test_cache_decoding_equals_teacher_forcing(combo):
   assert int(cache.length) == 8
   positions = model.config.decoder_positions
   layers = model.config.decoder_layers
-  assert cache.self_key.shape == (layers, 2, 4, positions, 8) and cache.cross_key.shape == (layers, 2, 4, 6, 8)
+  assert stacked(cache.self_key).shape == (layers, 2, 4, positions, 8) and stacked(cache.cross_key).shape == (layers, 2, 4, 6, 8)
 
 
 def test_decode_api_contract():
@@ -104,14 +110,14 @@ def test_decode_api_contract():
   assert encoder_out.shape == (2, 6, 32)
   cache = model.init_cache(params, encoder_out, TEXT_MASK)
   assert isinstance(cache, DecoderCache) and int(cache.length) == 0
-  assert cache.text_mask.dtype == jnp.bool_ and not bool(cache.self_key.any())
+  assert cache.text_mask.dtype == jnp.bool_ and not bool(stacked(cache.self_key).any())
   start = jnp.full((2,), model.config.decoder_start_token_id, jnp.int32)
   logits, cache = model.decode_step(params, start, 0, cache)  # a Python int position works too
   assert logits.shape == (2, 21) and int(cache.length) == 1
   np.testing.assert_allclose(logits, full[:, 0], atol=1e-5)
   # decode() with a cache continues at cache.length (a chunk of 3 tokens)
   more, cache = model.decode(IMAGE_IDS[:, 1:4], cache=cache)
-  assert int(cache.length) == 4 and not bool(cache.self_key[:, :, :, 4:].any())  # only decoded slots written
+  assert int(cache.length) == 4 and not bool(stacked(cache.self_key)[:, :, :, 4:].any())  # only decoded slots written
   np.testing.assert_allclose(more, full[:, 1:4], atol=1e-5)
   # decode() without a cache is teacher forcing from position 0
   teacher, no_cache = model.decode(IMAGE_IDS, encoder_out, TEXT_MASK)
@@ -138,7 +144,7 @@ def test_jit_equals_no_jit():
   with jax.disable_jit():
     eager, eager_cache = model.decode_step(model.params, IMAGE_IDS[:, 0], 0, cache)
   np.testing.assert_allclose(eager, jitted, atol=1e-5)
-  np.testing.assert_allclose(eager_cache.self_key, jitted_cache.self_key, atol=1e-5)
+  np.testing.assert_allclose(stacked(eager_cache.self_key), stacked(jitted_cache.self_key), atol=1e-5)
 
 
 def test_scan_unscan_conversion_keeps_numbers():
