@@ -439,6 +439,9 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
           + "".join(f"; did you mean {h[0]!r} for {k!r}?" for k, h in hints.items() if h)
       )
     model_type = config_dict.get("model_type", "dallebart")
+    if model_type == "dalle-mini" and isinstance(config_dict.get("text_config"), dict):
+      # a single-folder pipeline: the text model's weights sit next to the composite config
+      config_dict, model_type = config_dict["text_config"], config_dict["text_config"].get("model_type", "dallebart")
     if is_bart2021_config(config_dict):
       return convert_bart2021_config(config_dict, **kwargs)
     if model_type != DalleBartConfig.model_type:

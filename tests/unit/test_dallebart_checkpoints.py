@@ -106,3 +106,10 @@ def test_bad_ln_positions_and_types_in_config_json(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({**config, "d_model": "1024"}))
   with pytest.raises(Exception, match="d_model"):
     FlaxDalleMiniForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_text_model_loads_from_a_single_folder_pipeline():
+  folder = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-dalle-mini"
+  model = FlaxDalleMiniForConditionalGeneration.from_pretrained(folder)
+  assert model.config.model_type == "dallebart" and model.config.image_vocab_size == 64
+  assert model.generation_config.suppress_tokens == [64]

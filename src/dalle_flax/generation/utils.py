@@ -78,6 +78,16 @@ def _as_ids(name: str, value: Any) -> jax.Array:
   return jnp.asarray(array, jnp.int32)
 
 
+def _merge_alias(name: str, value: Any, kwargs: dict[str, Any]) -> Any:
+  """``name`` given as an argument and through its DALL·E mini alias must agree."""
+  from .configuration import _same
+
+  other = kwargs.pop(name, None)
+  if value is not None and other is not None and not _same(value, other):
+    raise ValueError(f"Got different values for {name!r} and its alias; pass only one.")
+  return value if value is not None else other
+
+
 def _row_keys(n: int, prng_key: Any, seed: Any) -> jax.Array:
   """(n,) typed keys: one per image, independent of the batch the image is generated in."""
   if prng_key is not None and seed is not None:
@@ -180,8 +190,13 @@ class GenerationMixin:
       1 + image_length), column 0 the start token.
     """
     pop_generation_aliases(kwargs)
-    negative_prompt_ids = kwargs.pop("negative_prompt_ids", negative_prompt_ids)
-    negative_prompt_attention_mask = kwargs.pop("negative_prompt_attention_mask", negative_prompt_attention_mask)
+    negative_prompt_ids = _merge_alias("negative_prompt_ids", negative_prompt_ids, kwargs)
+    negative_prompt_attention_mask = _merge_alias(
+        "negative_prompt_attention_mask", negative_prompt_attention_mask, kwargs)
+    if getattr(self.config, "use_scan", False) and not getattr(self, "_warned_scan", False):
+      self._warned_scan = True
+      logger.info("Generating with scanned (stacked) layers; load with use_scan=False for faster "
+                  "decoding (the pipeline does): see the README's performance section.")
     config = self.config
     vocab = config.image_vocab_size + 1
     gen = resolve_generation_config(self.generation_config, generation_config, kwargs,
