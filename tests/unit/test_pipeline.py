@@ -24,25 +24,13 @@ from PIL import Image
 import dalle_flax
 from dalle_flax import DalleMiniConfig, TextToImagePipeline, TextToImagePipelineOutput, VQGANConfig
 from dalle_flax.pipelines import KNOWN_VQGANS, DalleMiniPipelineModel, grid_shape, image_seeds
+from dalle_flax.testing.torch_blocker import BLOCK_TORCH
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "fixtures" / "tiny-dalle-mini"
 SHARED = REPO.parent / "shared" / "fixtures"
 PROMPTS = ["a red apple", "a blue car"]
 
-# Makes `import torch` fail in a subprocess: None in sys.modules stops the import system (and
-# importlib.util.find_spec, which transformers' is_torch_available uses, returns None); the
-# meta-path finder also refuses any torch submodule.
-BLOCK_TORCH = textwrap.dedent("""\
-    import importlib.abc, sys
-    class _NoTorch(importlib.abc.MetaPathFinder):
-      def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-          raise ImportError(f"torch is blocked in this test ({name})")
-        return None
-    sys.meta_path.insert(0, _NoTorch())
-    sys.modules["torch"] = None
-""")
 
 
 def enable_compilation_cache(cache_dir):

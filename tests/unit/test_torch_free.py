@@ -9,23 +9,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from dalle_flax.testing.torch_blocker import BLOCK_TORCH
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "src" / "dalle_flax"
 TINY = REPO / "tests" / "fixtures" / "tiny-dalle-mini"
 
-# None in sys.modules makes `import torch` fail and importlib.util.find_spec("torch") (what
-# transformers' is_torch_available uses) return None; the meta-path finder refuses submodules.
-BLOCK_TORCH = textwrap.dedent("""\
-    import importlib.abc, sys
-    class _NoTorch(importlib.abc.MetaPathFinder):
-      def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-          raise ImportError(f"torch is blocked in this test ({name})")
-        return None
-    sys.meta_path.insert(0, _NoTorch())
-    sys.modules["torch"] = None
-""")
 
 
 def _import_time_torch_imports(path):
