@@ -1,4 +1,4 @@
-"""The ``dalle-flax`` command line: generate images, convert checkpoints.
+"""The ``dalle-flax`` command line: generate images, convert checkpoints, serve the web demo.
 
 Example: ``dalle-flax generate "an armchair in the shape of an avocado" --num-images 4 --grid``.
 
@@ -9,11 +9,13 @@ Commands::
       [--negative-prompt NP] [--grid] [--seamless] [--batch-size B] [--out DIR]
       [--dtype {float32,bfloat16,float16}] [--no-progress]
   dalle-flax convert TEXT_MODEL [--vqgan V] [--revision R] [--vqgan-revision R] --out DIR
+  dalle-flax serve [--model M] [--vqgan V] [--revision R] [--dtype D] [--host H] [--port P]
 
 ``generate`` writes one PNG per image (``<prompt>_<seed>.png``; one ``<prompt>_grid_<seed>.png``
 per prompt with ``--grid``/``--seamless``) and prints their paths, one per line; rerun with
 ``--seed <seed> --num-images 1`` to get one image again. ``convert`` turns a released two-repo
-checkpoint (text model + VQGAN, msgpack) into one safetensors pipeline folder.
+checkpoint (text model + VQGAN, msgpack) into one safetensors pipeline folder. ``serve`` loads
+the model once, prints the demo's URL and serves it (``dalle_flax.web``) until Ctrl-C.
 
 Errors (bad model path, unreachable Hub, bad values) print one line to stderr and exit with
 status 1 (2 for bad command-line syntax); ``--traceback`` shows the full traceback.
@@ -28,6 +30,10 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+  from .pipelines import TextToImagePipeline
 
 __all__ = ["BUNDLED_MODEL", "build_parser", "default_model", "main"]
 
@@ -83,6 +89,13 @@ def _positive_float(text: str) -> float:
   value = _finite_float(text)
   if value <= 0:
     raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+  return value
+
+
+def _port(text: str) -> int:
+  value = _int(text)
+  if not 0 <= value <= 65535:
+    raise argparse.ArgumentTypeError(f"expected an integer in [0, 65535], got {text!r}")
   return value
 
 
@@ -143,6 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
   add("--out", type=Path, required=True, help="folder to write")
   add("--max-shard-size", default="10GB", help="shard weights above this size (default: 10GB)")
   convert.set_defaults(func=_convert)
+
+  serve = commands.add_parser(
+      "serve", help="serve the web demo on this machine",
+      description="Load the model once, print the URL and serve the demo page and its JSON API "
+                  "(POST /api/generate; POST /generate for dalle-mini's front-ends) until Ctrl-C.")
+  add = serve.add_argument
+  add("--model", default=default,
+      help=f"pipeline folder or Hub repo id (default: {default_help})")
+  add("--vqgan", help="VQGAN repo id or folder (default: the model's own)")
+  add("--revision", help="branch, tag or commit of --model")
+  add("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+      help="computation dtype of the text model (default: float32)")
+  add("--host", default="127.0.0.1",
+      help="address to bind (default: 127.0.0.1, reachable from this machine only)")
+  add("--port", type=_port, default=8000, help="port to bind; 0 picks a free one (default: 8000)")
+  serve.set_defaults(func=_serve)
   return parser
 
 
@@ -160,14 +189,18 @@ def _unique(path: Path, taken: set[Path]) -> Path:
   return candidate
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _load_pipeline(args: argparse.Namespace) -> TextToImagePipeline:
   from .pipelines import pipeline
 
   if args.model is None:
     raise ValueError("no default model is bundled with this installation; pass --model "
                      "dalle-mini/dalle-mini (or a pipeline folder).")
-  pipe = pipeline("text-to-image", model=args.model, vqgan=args.vqgan, revision=args.revision,
+  return pipeline("text-to-image", model=args.model, vqgan=args.vqgan, revision=args.revision,
                   dtype=args.dtype)
+
+
+def _generate(args: argparse.Namespace) -> int:
+  pipe = _load_pipeline(args)
   pipe.set_progress_bar_config(disable=args.no_progress, leave=False)
   tiled = args.grid or args.seamless
   out = pipe(
@@ -194,6 +227,16 @@ def _convert(args: argparse.Namespace) -> int:
       args.text_model, vqgan=args.vqgan, revision=args.revision, vqgan_revision=args.vqgan_revision)
   pipe.save_pretrained(args.out, max_shard_size=args.max_shard_size)
   print(args.out)
+  return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+  from .web import serve
+
+  pipe = _load_pipeline(args)
+  pipe.set_progress_bar_config(disable=True)
+  logging.getLogger("dalle_flax.web").setLevel(logging.INFO)  # one log line per request
+  serve(pipe, args.host, args.port, on_ready=lambda url: print(url, flush=True))
   return 0
 
 
