@@ -13,6 +13,27 @@ idempotent and does no heavy work (no model is built, nothing is downloaded).
 
 __version__ = "0.1.0.dev0"
 
+__all__ = [
+    "DalleBartConfig",
+    "DalleBartTokenizer",
+    "DalleMiniConfig",
+    "DalleMiniPipelineModel",
+    "DalleMiniProcessor",
+    "DecoderCache",
+    "FlaxDalleMiniForConditionalGeneration",
+    "FlaxVQGANModel",
+    "TextNormalizer",
+    "TextToImagePipeline",
+    "TextToImagePipelineOutput",
+    "VQGANConfig",
+    "from_pil",
+    "make_image_grid",
+    "pipeline",
+    "rerank_with_clip",
+    "to_pil",
+    "to_uint8",
+]
+
 # --- core model (configuration_dalle_mini, modeling_flax_dalle_mini) ---
 from .configuration_dalle_mini import DalleBartConfig
 from .configuration_dalle_mini import register as _register_dallebart_config

@@ -21,7 +21,7 @@ from typing import Any
 import huggingface_hub
 from huggingface_hub import errors as hf_errors
 
-__all__ = ["HubOptions", "atomic_write", "atomic_write_json", "resolve_file"]
+__all__ = ["HubOptions", "atomic_write", "atomic_write_json", "read_json_object", "resolve_file"]
 
 
 @dataclass(frozen=True)
@@ -159,3 +159,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
   with atomic_write(path, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
     f.write("\n")
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+  """Reads a JSON file that must hold an object (config files); clear errors otherwise."""
+  try:
+    content = json.loads(Path(path).read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{str(path)!r} is not valid JSON ({e}); re-save or re-download it.") from None
+  if not isinstance(content, dict):
+    raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(content).__name__}.")
+  return content

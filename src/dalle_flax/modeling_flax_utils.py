@@ -31,7 +31,7 @@ import safetensors.numpy
 from flax import serialization
 from transformers import PreTrainedConfig
 
-from .hub_utils import HubOptions, atomic_write, atomic_write_json, resolve_file
+from .hub_utils import HubOptions, atomic_write, atomic_write_json, read_json_object, resolve_file
 
 logger = logging.getLogger(__name__)
 
@@ -226,15 +226,7 @@ class FlaxPreTrainedModel:
   def load_config(
       cls, pretrained_model_name_or_path: str | os.PathLike, options: HubOptions, **config_kwargs: Any
   ) -> PreTrainedConfig:
-    config_path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, options)
-    try:
-      config_dict = json.loads(Path(config_path).read_text())
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{str(config_path)!r} is not valid JSON: {e}.") from None
-    if not isinstance(config_dict, dict):
-      raise ValueError(
-          f"{str(config_path)!r} must hold a JSON object, got {type(config_dict).__name__}."
-      )
+    config_dict = read_json_object(resolve_file(pretrained_model_name_or_path, CONFIG_NAME, options))
     return cls.config_from_dict(config_dict, **config_kwargs)
 
   @classmethod

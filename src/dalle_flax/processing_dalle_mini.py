@@ -16,7 +16,6 @@ int32 arrays in a ``transformers.BatchFeature`` rather than jax arrays.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 from transformers import AutoProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
 
+from .hub_utils import read_json_object
 from .text_normalization import TextNormalizer, find_optional_file
 from .tokenization_dalle_mini import DalleBartTokenizer
 
@@ -315,15 +315,7 @@ def _read_text_settings(path_or_repo_id: str | os.PathLike, hub: dict[str, Any])
 
 
 def _read_json(path: Path | None) -> dict[str, Any]:
-  if path is None:
-    return {}
-  try:
-    content = json.loads(Path(path).read_text(encoding="utf-8"))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}); re-save or re-download it.") from None
-  if not isinstance(content, dict):
-    raise ValueError(f"{path} should hold a JSON object, got {type(content).__name__}.")
-  return content
+  return {} if path is None else read_json_object(path)
 
 
 def register() -> None:

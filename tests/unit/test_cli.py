@@ -21,22 +21,9 @@ SHARED = REPO.parent / "shared" / "fixtures"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def jax_cache(tmp_path_factory):
-  """Every CLI run loads the model again; cache compilations on disk (see test_pipeline.py)."""
-  import jax
-  from jax._src import compilation_cache
-
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {name: getattr(jax.config, name) for name in names}
-  cache_dir = tmp_path_factory.getbasetemp() / "dalle-flax-jax-cache"  # shared with test_pipeline.py
-  for name, value in zip(names, (str(cache_dir), 0, 0)):
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-  yield cache_dir
-  for name, value in old.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+def _share_compilations(jax_cache):
+  """Every CLI run loads the model again: compile it once (the plugin's on-disk jax cache)."""
+  yield jax_cache
 
 
 def run(argv, capsys):

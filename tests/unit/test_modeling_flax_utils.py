@@ -1,7 +1,6 @@
 """The Flax base class: save/load round trips, legacy msgpack, sharding, errors, push/pull."""
 
 import json
-import os
 from pathlib import Path
 
 import flax.linen as nn

@@ -33,25 +33,6 @@ PROMPTS = ["a red apple", "a blue car"]
 
 
 
-def enable_compilation_cache(cache_dir):
-  """Turns on jax's persistent compilation cache; returns a function that restores the settings."""
-  from jax._src import compilation_cache
-
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {name: getattr(jax.config, name) for name in names}
-  for name, value in zip(names, (str(cache_dir), 0, 0)):
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-
-  def restore():
-    for name, value in old.items():
-      jax.config.update(name, value)
-    compilation_cache.reset_cache()
-
-  return restore
-
-
 def cache_env(cache_dir):
   # the same XLA optimisation level as this process (conftest lowers it for unit tests), so a
   # subprocess computes bit-identical numbers
@@ -59,14 +40,6 @@ def cache_env(cache_dir):
   return {"JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_DISABLE_MOST_OPTIMIZATIONS": same_opt,
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-  cache_dir = tmp_path_factory.getbasetemp() / "dalle-flax-jax-cache"  # shared by the CLI tests
-  restore = enable_compilation_cache(cache_dir)
-  yield cache_dir
-  restore()
 
 
 @pytest.fixture(scope="module")

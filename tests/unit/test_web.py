@@ -25,25 +25,6 @@ REQUEST = {"prompt": "a red fox in the snow", "num_images": 2, "seed": 7, "guida
 
 
 @pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-  """Compilations cached on disk, shared with test_cli.py / test_pipeline.py in one run."""
-  import jax
-  from jax._src import compilation_cache
-
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {name: getattr(jax.config, name) for name in names}
-  cache_dir = tmp_path_factory.getbasetemp() / "dalle-flax-jax-cache"
-  for name, value in zip(names, (str(cache_dir), 0, 0)):
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-  yield cache_dir
-  for name, value in old.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
 def pipe(jax_cache):
   pipe = dalle_flax.pipeline("text-to-image", model=TINY)
   pipe.set_progress_bar_config(disable=True)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 import tempfile
@@ -42,7 +41,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from ..hub_utils import HubOptions, atomic_write_json, resolve_file
+from ..hub_utils import HubOptions, atomic_write_json, read_json_object, resolve_file
 from ..modeling_flax_dalle_mini import FlaxDalleMiniForConditionalGeneration
 from ..modeling_flax_utils import CONFIG_NAME
 from ..modeling_flax_vqgan import FlaxVQGANModel
@@ -109,14 +108,7 @@ def resolve_dtype(dtype: Any) -> jnp.dtype | None:
 
 
 def _read_config_dict(path_or_repo_id: str | os.PathLike, options: HubOptions) -> dict[str, Any]:
-  path = resolve_file(path_or_repo_id, CONFIG_NAME, options)
-  try:
-    config = json.loads(Path(path).read_text(encoding="utf-8"))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{str(path)!r} is not valid JSON ({e}); re-save or re-download it.") from None
-  if not isinstance(config, dict):
-    raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(config).__name__}.")
-  return config
+  return read_json_object(resolve_file(path_or_repo_id, CONFIG_NAME, options))
 
 
 def _known_vqgan(name_or_path: str) -> tuple[str, str] | None:

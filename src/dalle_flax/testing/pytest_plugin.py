@@ -275,3 +275,37 @@ def local_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Local
         if hub_module is not None and not had_transformers_hub:
             hub_module._hf_api = None
         _clear_filesystem_instances()
+
+
+def enable_jax_compilation_cache(cache_dir: Path) -> Any:
+  """Turns on jax's persistent compilation cache in ``cache_dir``; returns a restore function.
+
+  Tests that load the same tiny model in many places (pipeline, CLI, web demo, subprocesses)
+  then compile it once per session. Uses ``jax._src.compilation_cache.reset_cache`` (private)
+  so the new directory takes effect mid-process.
+  """
+  import jax
+  from jax._src import compilation_cache
+
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  old = {name: getattr(jax.config, name) for name in names}
+  for name, value in zip(names, (str(cache_dir), 0, 0)):
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+  def restore() -> None:
+    for name, value in old.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+  return restore
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+  """A persistent jax compilation cache shared by every test module of the session."""
+  cache_dir = tmp_path_factory.getbasetemp() / "dalle-flax-jax-cache"
+  restore = enable_jax_compilation_cache(cache_dir)
+  yield cache_dir
+  restore()
