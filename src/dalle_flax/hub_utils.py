@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 import huggingface_hub
 from huggingface_hub import errors as hf_errors
 
-__all__ = ["HubOptions", "atomic_write", "atomic_write_json", "read_json_object", "resolve_file"]
+__all__ = ["HubOptions", "atomic_write", "atomic_write_json", "push_folder", "read_json_object", "resolve_file"]
 
 
 @dataclass(frozen=True)
@@ -170,3 +170,37 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
   if not isinstance(content, dict):
     raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(content).__name__}.")
   return content
+
+
+# Weights of an earlier push (e.g. one file replaced by shards) would shadow the new ones.
+_STALE_WEIGHT_PATTERNS = ["*.safetensors", "*.msgpack", "*.index.json"]
+
+
+def push_folder(
+    repo_id: str,
+    write: Callable[[Path], None],
+    *,
+    commit_message: str,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+) -> str:
+  """Creates ``repo_id`` (and ``revision``'s branch) if needed, lets ``write`` fill a temporary
+  folder, and uploads it in one commit that also removes the repo's old weight files.
+
+  Returns:
+    The commit URL.
+  """
+  api = huggingface_hub.HfApi(token=token if isinstance(token, str) else None)
+  repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+  if revision is not None and revision != "main":
+    api.create_branch(repo_id, branch=revision, exist_ok=True)
+  with tempfile.TemporaryDirectory(prefix="dalle-flax-push-") as tmp:
+    write(Path(tmp))
+    info = api.upload_folder(
+        repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
+        commit_description=commit_description, revision=revision, create_pr=create_pr,
+        delete_patterns=_STALE_WEIGHT_PATTERNS)
+  return str(getattr(info, "commit_url", info))

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,7 +30,7 @@ import safetensors.numpy
 from flax import serialization
 from transformers import PreTrainedConfig
 
-from .hub_utils import HubOptions, atomic_write, atomic_write_json, read_json_object, resolve_file
+from .hub_utils import HubOptions, atomic_write, atomic_write_json, push_folder, read_json_object, resolve_file
 
 logger = logging.getLogger(__name__)
 
@@ -440,24 +439,11 @@ class FlaxPreTrainedModel:
     A ``README.md`` model card (``library_name: dalle-flax``, ``pipeline_tag: text-to-image``)
     is added unless ``model_card=False``. Returns the commit URL.
     """
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token if isinstance(token, str) else None)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None and revision != "main":
-      api.create_branch(repo_id, branch=revision, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="dalle-flax-push-") as tmp:
-      self.save_pretrained(tmp, params=params, max_shard_size=max_shard_size)
+    def write(folder: Path) -> None:
+      self.save_pretrained(folder, params=params, max_shard_size=max_shard_size)
       if model_card:
-        (Path(tmp) / "README.md").write_text(self.model_card(repo_id))
-      info = api.upload_folder(
-          repo_id=repo_id,
-          folder_path=tmp,
-          commit_message=commit_message or f"Upload {type(self).__name__}",
-          revision=revision,
-          create_pr=create_pr,
-          # weights of an earlier push (e.g. a single file replaced by shards) would shadow ours
-          delete_patterns=["*.safetensors", "*.msgpack", "*.index.json"],
-      )
-    return str(getattr(info, "commit_url", info))
+        (folder / "README.md").write_text(self.model_card(repo_id))
+
+    return push_folder(repo_id, write, commit_message=commit_message or f"Upload {type(self).__name__}",
+                       private=private, token=token, revision=revision, create_pr=create_pr)
 

@@ -34,14 +34,13 @@ import copy
 import dataclasses
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 
-from ..hub_utils import HubOptions, atomic_write_json, read_json_object, resolve_file
+from ..hub_utils import HubOptions, atomic_write_json, push_folder, read_json_object, resolve_file
 from ..modeling_flax_dalle_mini import FlaxDalleMiniForConditionalGeneration
 from ..modeling_flax_utils import CONFIG_NAME
 from ..modeling_flax_vqgan import FlaxVQGANModel
@@ -354,22 +353,13 @@ class DalleMiniPipelineModel:
     Returns:
       The commit URL.
     """
-    from huggingface_hub import HfApi
+    def write(folder: Path) -> None:
+      self.save_pretrained(folder, max_shard_size=max_shard_size, model_card=False)
+      (folder / "README.md").write_text(self.model_card(repo_id, tags), encoding="utf-8")
 
-    api = HfApi(token=token if isinstance(token, str) else None)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None and revision != "main":
-      api.create_branch(repo_id, branch=revision, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="dalle-flax-push-") as tmp:
-      self.save_pretrained(tmp, max_shard_size=max_shard_size, model_card=False)
-      (Path(tmp) / "README.md").write_text(self.model_card(repo_id, tags), encoding="utf-8")
-      info = api.upload_folder(
-          repo_id=repo_id, folder_path=tmp,
-          commit_message=commit_message or "Upload DALL·E mini pipeline",
-          commit_description=commit_description, revision=revision, create_pr=create_pr,
-          # weights of an earlier push (e.g. one file replaced by shards) would shadow ours
-          delete_patterns=["*.safetensors", "*.msgpack", "*.index.json"])
-    return str(getattr(info, "commit_url", info))
+    return push_folder(repo_id, write, commit_message=commit_message or "Upload DALL·E mini pipeline",
+                       commit_description=commit_description, private=private, token=token,
+                       revision=revision, create_pr=create_pr)
 
 
 def build_components(
