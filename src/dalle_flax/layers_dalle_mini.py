@@ -46,6 +46,8 @@ class BlockSpec:
     attention_init_gain / cross_attention_init_gain / ffn_init_gain: init multipliers of
       v_proj/out_proj and of the feed-forward kernels (DeepNet beta, subln gain or 1).
     sinkhorn_iters: Sinkformer iterations (encoder self-attention only; 1 = softmax).
+    dot_general: the Dense layers' product (inference swaps in
+      :func:`dalle_flax.kernels.small_batch_dot_general` on CPU; same parameters).
   """
 
   d_model: int
@@ -75,6 +77,7 @@ class BlockSpec:
   cross_key_length: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  dot_general: Callable[..., Array] | None = None  # for every Dense (None: lax.dot_general)
 
   @property
   def head_dim(self) -> int:
@@ -171,7 +174,8 @@ class Attention(nn.Module):
     spec = self.spec
     gain = spec.cross_attention_init_gain if self.is_cross else spec.attention_init_gain
     dense = lambda init: nn.Dense(  # noqa: E731
-      spec.d_model, use_bias=spec.use_bias, dtype=spec.dtype, param_dtype=spec.param_dtype, kernel_init=init
+      spec.d_model, use_bias=spec.use_bias, dtype=spec.dtype, param_dtype=spec.param_dtype, kernel_init=init,
+      dot_general=spec.dot_general,
     )
     self.q_proj = dense(scaled_normal(spec.init_std))
     self.k_proj = dense(scaled_normal(spec.init_std))
@@ -287,6 +291,7 @@ class FeedForward(nn.Module):
       dtype=spec.dtype,
       param_dtype=spec.param_dtype,
       kernel_init=scaled_normal(spec.init_std, spec.ffn_init_gain),
+      dot_general=spec.dot_general,
       name=next(dense_names),
     )
     act = ACTIVATIONS[spec.activation]

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from . import kernels
 from .configuration_dalle_mini import DalleBartConfig
 from .convert.bart2021 import convert_bart2021_config, convert_bart2021_params, is_bart2021_config, is_bart2021_params
 from .convert.scan import is_scanned, scan_params, unscan_params
@@ -73,6 +74,7 @@ class ModelSpec:
   dropout: float
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  dot_general: Any = None  # the lm_head's product (see BlockSpec.dot_general)
 
 
 def model_spec(config: Any, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> ModelSpec:
@@ -314,7 +316,7 @@ class DalleBartModule(nn.Module):
     spec = self.spec
     self.model = BartModel(spec, self.deterministic)
     self.lm_head = nn.Dense(spec.image_vocab_size + 1, use_bias=False, dtype=spec.dtype,
-                            param_dtype=spec.param_dtype,
+                            param_dtype=spec.param_dtype, dot_general=spec.dot_general,
                             kernel_init=jax.nn.initializers.normal(spec.init_std))
     if spec.use_final_logits_bias:  # 2021 seed model
       self.final_logits_bias = self.param("final_logits_bias", jax.nn.initializers.zeros,
@@ -389,6 +391,16 @@ class DalleBartModule(nn.Module):
 def _jitted_apply(module: DalleBartModule, method: str) -> Any:
   """One jitted ``module.apply(..., method=method)``; modules are hashable, so equal configs share it."""
   return jax.jit(lambda params, rngs, *args: module.apply({"params": params}, *args, method=method, rngs=rngs))
+
+
+@functools.lru_cache(maxsize=64)
+def _native_module(module: DalleBartModule) -> DalleBartModule:
+  """``module`` with :func:`~dalle_flax.kernels.small_batch_dot_general` in every Dense layer."""
+  dot = kernels.small_batch_dot_general
+  spec = module.spec
+  spec = dataclasses.replace(spec, encoder=dataclasses.replace(spec.encoder, dot_general=dot),
+                             decoder=dataclasses.replace(spec.decoder, dot_general=dot), dot_general=dot)
+  return DalleBartModule(spec, deterministic=True)
 
 
 def _ids(name: str, value: Any) -> Array:
@@ -472,6 +484,16 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
     rngs = {"dropout": dropout_rng} if (train and dropout_rng is not None) else None
     fn = _jitted_apply(self.module.clone(deterministic=not train), method)
     return fn(self._require_params(params), rngs, *args)
+
+  def native_decode_step(self, params: Any, token: Array, position: Array,
+                         cache: DecoderCache) -> tuple[Array, DecoderCache]:
+    """:meth:`decode_step` with the native CPU small-batch matmul in every Dense layer.
+
+    Same parameters and results up to float32 rounding; ``generate`` uses it on a single CPU
+    device when :func:`dalle_flax.kernels.small_matmul_available` (see that module).
+    """
+    return _jitted_apply(_native_module(self.module), "decode_step")(self._require_params(params), None, token,
+                                                                    position, cache)
 
   def _check_lengths(self, input_ids: Array | None, decoder_ids: Array | None) -> None:
     config = self.config

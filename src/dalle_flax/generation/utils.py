@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import GenerationConfig
 
+from .. import kernels
 from ..hub_utils import HubOptions, atomic_write_json, resolve_file
 from .configuration import (
     GENERATION_CONFIG_NAME,
@@ -47,6 +48,19 @@ _run_steps_jit_donated = jax.jit(run_steps, static_argnames=_STATIC, donate_argn
 
 def _jitted_loop() -> Callable[..., SampleState]:
   return _run_steps_jit if jax.default_backend() == "cpu" else _run_steps_jit_donated
+
+
+def _on_one_cpu_device(params: Any) -> bool:
+  """True when every parameter is (or, for host arrays, will be) on one and the same CPU device."""
+  devices = set()
+  for leaf in jax.tree.leaves(params):
+    if isinstance(leaf, jax.core.Tracer):
+      return False
+    if isinstance(leaf, jax.Array):
+      devices |= leaf.sharding.device_set
+    else:
+      devices.add(jax.devices()[0])
+  return len(devices) == 1 and next(iter(devices)).platform == "cpu"
 
 
 @dataclass
@@ -244,7 +258,7 @@ class GenerationMixin:
         token=jnp.full((n,), start_id, jnp.int32), sequences=sequences,
         finished=jnp.zeros((n,), bool), cache=cache, row_keys=_row_keys(n, prng_key, seed))
     spec = LoopSpec(
-        decode_step=self.decode_step, do_sample=bool(gen.do_sample), top_k=min(int(gen.top_k or 0), vocab),  # as transformers: k capped at the vocabulary
+        decode_step=self._loop_decode_step(params), do_sample=bool(gen.do_sample), top_k=min(int(gen.top_k or 0), vocab),  # as transformers: k capped at the vocabulary
         guidance=guidance, eos_token_id=eos if eos is not None and 0 <= eos < vocab else None,
         pad_token_id=int(pad_id), logits_processors=tuple(logits_processor or ()))
     knobs = SamplingKnobs(
@@ -264,6 +278,14 @@ class GenerationMixin:
       if callback is not None:
         callback(begin + steps, np.asarray(state.sequences[:, 1 : begin + steps + 1]))
     return DalleMiniGenerateOutput(sequences=state.sequences)
+
+  def _loop_decode_step(self, params: Any) -> Callable[..., Any]:
+    """The model's ``native_decode_step`` (CPU small-batch matmul kernel) when the parameters
+    sit on one CPU device and the kernel builds; else ``decode_step``."""
+    native = getattr(self, "native_decode_step", None)
+    if native is not None and _on_one_cpu_device(params) and kernels.small_matmul_available():
+      return native
+    return self.decode_step
 
   def _negative_inputs(self, ids: Any, mask: Any, b: int, t: int, n_ret: int) -> tuple[jax.Array, jax.Array]:
     if ids is None:
