@@ -47,7 +47,7 @@ def test_unknown_parameter_is_an_error():
 SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from dalle_flax import FlaxDalleMiniForConditionalGeneration
+    from dalle_flax import FlaxDalleMiniForConditionalGeneration, kernels
     from dalle_flax.sharding import make_mesh, shard_params, batch_sharding
     folder = sys.argv[1]
     assert jax.device_count() == 8, jax.devices()
@@ -63,7 +63,9 @@ SCRIPT = textwrap.dedent("""
     mask_s = jax.device_put(mask, batch_sharding(mesh))
     sharded = model.generate(ids_s, mask_s, params=params, **kwargs).sequences
     kinds = sorted({str(x.sharding.spec) for x in jax.tree.leaves(params)})
-    print(json.dumps({"same": bool((np.asarray(sharded) == single).all()), "specs": kinds}))
+    steps = {name: model._loop_decode_step(p).__name__ for name, p in (("single", model.params), ("sharded", params))}
+    print(json.dumps({"same": bool((np.asarray(sharded) == single).all()), "specs": kinds, "steps": steps,
+                      "kernel": kernels.small_matmul_available()}))
 """)
 
 
@@ -79,3 +81,6 @@ def test_generate_on_8_simulated_devices_matches_one_device(tmp_path):
   result = json.loads(done.stdout.strip().splitlines()[-1])
   assert result["same"]
   assert any("mp" in spec for spec in result["specs"])  # really sharded, not only replicated
+  # one device runs the native CPU matmul (when it builds); sharded parameters never do
+  assert result["steps"]["sharded"] == "decode_step"
+  assert result["steps"]["single"] == ("native_decode_step" if result["kernel"] else "decode_step")
