@@ -29,7 +29,7 @@ def fresh_kernel_state():
 
 @needs_kernel
 @pytest.mark.parametrize("rows,k,n", [(1, 5, 3), (2, 1024, 1000), (3, 333, 77), (8, 64, 17), (16, 130, 9),
-                                      (5, 7, 8), (1, 1, 1), (16, 2, 40)])
+                                      (5, 7, 8), (1, 1, 1), (16, 2, 40), (2, 300, 33)])
 def test_small_matmul_matches_float64_reference(rows, k, n):
   rng = np.random.default_rng(rows * 1000 + k + n)
   x = rng.standard_normal((rows, k), dtype=np.float32)

@@ -79,22 +79,25 @@ GroupFn PickGroupFn(int64_t rows, std::integer_sequence<int, Ms...>) {
 }
 
 constexpr int kRowBlock = 8;  // rows of x per register block (more would spill)
-constexpr int kGroup = 8;     // weight rows per pass
 
-// acc[rows, N] = x[:, k0:k1] @ w[k0:k1, :]: weight rows in groups of kGroup, x rows in blocks of
-// kRowBlock; a group of weight rows stays in L1 while the row blocks reuse it.
+// acc[rows, N] = x[:, k0:k1] @ w[k0:k1, :]: weight rows in groups (16 for 1-2 rows of x, whose
+// broadcasts then still fit in registers; else 8), x rows in blocks of kRowBlock; a group of
+// weight rows stays in L1 while the row blocks reuse it.
 void ChunkProduct(const float* x, const float* w, float* acc, int64_t rows, int64_t K, int64_t N,
                   int64_t k0, int64_t k1) {
   std::memset(acc, 0, sizeof(float) * rows * N);
   const auto seq = std::make_integer_sequence<int, kRowBlock>{};
+  const int64_t group = rows <= 2 ? 16 : 8;
   for (int64_t k = k0; k < k1;) {
-    const bool full = k + kGroup <= k1;
+    const int64_t step = k + group <= k1 ? group : 1;
     for (int64_t r = 0; r < rows; r += kRowBlock) {
       const int64_t block = std::min<int64_t>(kRowBlock, rows - r);
-      const GroupFn fn = full ? PickGroupFn<kGroup>(block, seq) : PickGroupFn<1>(block, seq);
+      const GroupFn fn = step == 16  ? PickGroupFn<16>(block, seq)
+                         : step == 8 ? PickGroupFn<8>(block, seq)
+                                     : PickGroupFn<1>(block, seq);
       fn(x + r * K + k, K, w + k * N, N, acc + r * N);
     }
-    k += full ? kGroup : 1;
+    k += step;
   }
 }
 
@@ -154,7 +157,8 @@ ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   job->chunks = (K + job->chunk_rows - 1) / job->chunk_rows;
   job->partials.reset(new float[job->chunks * rows * N]);
 
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->chunks - 1);
+  // the calling thread works too: num_threads - 1 helpers keep one thread per core
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, job->chunks - 1);
   for (int64_t i = 0; i < helpers; ++i) {
     pool.Schedule([job] { job->RunAvailable(); });
   }
