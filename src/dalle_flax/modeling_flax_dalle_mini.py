@@ -395,11 +395,11 @@ def _jitted_apply(module: DalleBartModule, method: str) -> Any:
 
 @functools.lru_cache(maxsize=64)
 def _native_module(module: DalleBartModule) -> DalleBartModule:
-  """``module`` with :func:`~dalle_flax.kernels.small_batch_dot_general` in every Dense layer."""
+  """Inference ``module`` with :func:`~dalle_flax.kernels.small_batch_dot_general` in the decoder's
+  Dense layers and the lm_head (the encoder runs through ``encode``, never here)."""
   dot = kernels.small_batch_dot_general
-  spec = module.spec
-  spec = dataclasses.replace(spec, encoder=dataclasses.replace(spec.encoder, dot_general=dot),
-                             decoder=dataclasses.replace(spec.decoder, dot_general=dot), dot_general=dot)
+  spec = dataclasses.replace(module.spec, decoder=dataclasses.replace(module.spec.decoder, dot_general=dot),
+                             dot_general=dot)
   return DalleBartModule(spec, deterministic=True)
 
 
@@ -477,13 +477,17 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
         flat = _drop_last_layer_unit_scale(flat, config)
     return flat
 
-  def _apply(self, params: Any, *args: Any, method: str, train: bool = False, dropout_rng: Array | None = None) -> Any:
-    """``module.apply`` of one entry point, jitted (shared by every model with the same module)."""
+  def _apply(self, params: Any, *args: Any, method: str, train: bool = False, dropout_rng: Array | None = None,
+             native: bool = False) -> Any:
+    """``module.apply`` of one entry point, jitted (shared by every model with the same module).
+
+    ``native=True`` runs the module with the native CPU small-batch matmul in its Dense layers.
+    """
     if train and dropout_rng is None and self.config.dropout > 0:
       raise ValueError("train=True applies dropout and needs dropout_rng=jax.random.key(...)")
     rngs = {"dropout": dropout_rng} if (train and dropout_rng is not None) else None
-    fn = _jitted_apply(self.module.clone(deterministic=not train), method)
-    return fn(self._require_params(params), rngs, *args)
+    module = _native_module(self.module) if native else self.module.clone(deterministic=not train)
+    return _jitted_apply(module, method)(self._require_params(params), rngs, *args)
 
   def native_decode_step(self, params: Any, token: Array, position: Array,
                          cache: DecoderCache) -> tuple[Array, DecoderCache]:
@@ -492,8 +496,7 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
     Same parameters and results up to float32 rounding; ``generate`` uses it on a single CPU
     device when :func:`dalle_flax.kernels.small_matmul_available` (see that module).
     """
-    return _jitted_apply(_native_module(self.module), "decode_step")(self._require_params(params), None, token,
-                                                                    position, cache)
+    return self._apply(params, token, position, cache, method="decode_step", native=True)
 
   def _check_lengths(self, input_ids: Array | None, decoder_ids: Array | None) -> None:
     config = self.config
