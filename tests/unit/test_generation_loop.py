@@ -1,4 +1,5 @@
-"""generate() mechanics with a fake model (flax lm1b style): keys, guidance, settings, retracing."""
+"""generate() mechanics with a fake model (flax lm1b style): keys, guidance, settings, retracing;
+text-padding trimming also on a tiny random DalleBart."""
 
 from types import SimpleNamespace
 
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 from flax import struct
 
+from dalle_flax import DalleBartConfig, FlaxDalleMiniForConditionalGeneration
 from dalle_flax.generation import GenerationMixin, apply_guidance, sample_token, top_p_mask
+from dalle_flax.generation import utils as generation_utils
 from dalle_flax.generation.sampling import SamplingKnobs
 
 VOCAB = 10  # ids 0..7 are "codes", 8 is the start token, 9 is eos/pad
@@ -216,3 +219,110 @@ def test_legacy_beam_settings_are_dropped():
   assert generation_config.no_repeat_ngram_size in (None, 0)
   assert generation_config.do_sample is False and generation_config.top_k == 8
   assert generation_config.max_length == LENGTH + 1 and generation_config.min_length is None
+
+
+# ----------------------------------------------------------------- trimming trailing text padding
+def padded_prompts(lengths, text_length):
+  """(b, text_length) ids ``<s> 3 4 5 ... </s> <pad>...`` with ``lengths`` real tokens, and their mask."""
+  ids = np.full((len(lengths), text_length), 1, np.int32)
+  for row, length in enumerate(lengths):
+    ids[row, :length] = np.arange(length) % 5 + 3
+    ids[row, 0], ids[row, length - 1] = 0, 2
+  return ids, (ids != 1).astype(np.int32)
+
+
+def untrimmed(monkeypatch):
+  """The reference: generate() encoding every column, as before trimming existed."""
+  monkeypatch.setattr(generation_utils, "_trimmed_text_length", lambda masks, text_length: text_length)
+
+
+def spy_text_lengths(model):
+  """Records the text length each encode / init_cache sees: once per compiled shape under jit."""
+  seen = {"encode": [], "init_cache": []}
+  encode, init_cache = model.encode, model.init_cache
+
+  def spy_encode(input_ids, attention_mask, params):
+    seen["encode"].append(input_ids.shape[1])
+    return encode(input_ids, attention_mask, params)
+
+  def spy_init_cache(params, encoder_out, text_mask):
+    seen["init_cache"].append(text_mask.shape[1])
+    return init_cache(params, encoder_out, text_mask)
+
+  model.encode, model.init_cache = spy_encode, spy_init_cache
+  return seen
+
+
+def tiny_dallebart(**overrides):
+  """A tiny DalleBart with numpy-noise parameters (nothing to compile for init)."""
+  config = DalleBartConfig(
+      d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+      encoder_ffn_dim=48, decoder_ffn_dim=48, encoder_vocab_size=50, image_vocab_size=20, image_length=8,
+      max_text_length=40, dropout=0.0, gradient_checkpointing=False, **overrides)
+  model = FlaxDalleMiniForConditionalGeneration(config, _do_init=False)
+  rng = np.random.default_rng(0)
+  model.params = jax.tree.map(lambda leaf: jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype),
+                              model.params_shape_tree)
+  return model
+
+
+def test_trimmed_text_length_buckets():
+  trim = generation_utils._trimmed_text_length
+  assert [trim([padded_prompts([n], 64)[1]], 64) for n in (3, 9, 16, 17, 33, 49, 64)] == [16, 16, 16, 32, 48, 64, 64]
+  assert trim([padded_prompts([3, 20], 64)[1]], 64) == 32  # the longest row decides
+  assert trim([padded_prompts([3], 64)[1], padded_prompts([40], 64)[1]], 64) == 48  # so does the longest mask
+  assert trim([np.zeros((2, 64), np.int32)], 64) == 16  # nothing real: the bucket minimum
+  assert trim([padded_prompts([3], 10)[1]], 10) == 10  # never above t ...
+  assert trim([padded_prompts([50], 56)[1]], 56) == 56  # ... even when the bucket is
+  mask = np.zeros((1, 64), np.int32)
+  mask[0, 30] = 1  # a real token after padding is kept
+  assert trim([mask], 64) == 32
+
+
+@pytest.mark.parametrize("kwargs", [{"do_sample": False}, {"seed": 3}, {"seed": 3, "guidance_scale": 3.0}],
+                         ids=["greedy", "sampled", "guided"])
+def test_trimming_padding_keeps_dallebart_tokens(monkeypatch, kwargs):
+  model = tiny_dallebart()
+  ids, mask = padded_prompts([5, 3, 9], 40)
+  mask[2] = 0  # a prompt without real tokens keeps its (degenerate) output too
+  seen = spy_text_lengths(model)
+  trimmed = np.asarray(model.generate(ids, mask, **kwargs).sequences)
+  assert set(seen["encode"]) == {16} and seen["init_cache"] == [16]
+  untrimmed(monkeypatch)
+  full = np.asarray(model.generate(ids, mask, **kwargs).sequences)
+  assert seen["init_cache"] == [16, 40]
+  np.testing.assert_array_equal(trimmed, full)
+
+
+def test_encoder_sees_trimmed_length_in_few_shapes(model):
+  model.config.max_text_length = 64
+  seen = spy_text_lengths(model)
+  for n in (3, 9):  # one compiled shape for both
+    model.generate(*padded_prompts([n], 64), seed=0)
+  assert seen == {"encode": [16], "init_cache": [16]}
+  model.generate(*padded_prompts([20], 64), seed=0)
+  model.generate(*padded_prompts([64], 64), seed=0)
+  assert seen == {"encode": [16, 32, 64], "init_cache": [16, 32, 64]}
+  model.generate(*padded_prompts([9], 64), seed=0, trace=False)  # the eager path trims too
+  assert seen["encode"][-1] == 16
+
+
+def test_guidance_trims_to_the_longer_negative_prompt(model, monkeypatch):
+  model.config.max_text_length = 64
+  ids, mask = padded_prompts([3], 64)
+  neg_ids, neg_mask = padded_prompts([20], 64)
+  kwargs = dict(seed=2, guidance_scale=3.0, temperature=2.0, negative_prompt_ids=neg_ids,
+                negative_prompt_attention_mask=neg_mask)
+  seen = spy_text_lengths(model)
+  trimmed = np.asarray(model.generate(ids, mask, **kwargs).sequences)
+  assert seen == {"encode": [32], "init_cache": [32]}  # prompt and negative prompt: one compiled shape
+  untrimmed(monkeypatch)
+  np.testing.assert_array_equal(trimmed, model.generate(ids, mask, **kwargs).sequences)
+
+
+def test_no_trimming_for_sinkformer(model):
+  model.config.max_text_length = 64
+  model.config.sinkhorn_iters = 3  # normalises over padded queries too: padding changes real tokens
+  seen = spy_text_lengths(model)
+  model.generate(*padded_prompts([3], 64), seed=0, guidance_scale=3.0)
+  assert seen == {"encode": [64], "init_cache": [64]}

@@ -39,6 +39,9 @@ __all__ = ["DalleMiniGenerateOutput", "GenerationMixin"]
 # Special ids of the BART byte-level BPE tokenizers every released DALL·E mini model uses.
 TEXT_BOS_ID, TEXT_PAD_ID, TEXT_EOS_ID = 0, 1, 2
 
+# generate() trims trailing text padding to a multiple of this many tokens before encoding.
+_TEXT_BUCKET = 16
+
 _STATIC = ("spec", "num_steps", "scan")
 # Donating the loop state lets XLA update the KV cache in place between chunks; the CPU backend
 # cannot donate (it would only warn), so it gets the plain version.
@@ -124,6 +127,40 @@ def _row_keys(n: int, prng_key: Any, seed: Any) -> jax.Array:
   return key
 
 
+def _trimmed_text_length(masks: Sequence[Any], text_length: int) -> int:
+  """Text columns the encoder needs: up to the last real token of any row, in buckets of ``_TEXT_BUCKET``.
+
+  Trailing columns that are padding in every row of every mask are masked out of every attention
+  as keys, so dropping them leaves the real tokens' encoder output and the decoder's
+  cross-attention unchanged. Rounding up to a bucket bounds the compiled shapes (4 for 64 tokens).
+
+  Args:
+    masks: (rows, text_length) attention masks (nonzero = real token) that share one encoder
+      output, so they must share the length (the prompt's and the unconditional one's).
+    text_length: their current length t.
+
+  Returns:
+    A length in [min(_TEXT_BUCKET, t), t]; an all-padding batch gets the bucket minimum.
+  """
+  used = 0
+  for mask in masks:
+    columns = np.flatnonzero(np.asarray(mask).any(axis=0))  # columns with a real token in some row
+    if columns.size:
+      used = max(used, int(columns[-1]) + 1)
+  bucketed = max(_TEXT_BUCKET, -(-used // _TEXT_BUCKET) * _TEXT_BUCKET)
+  return min(bucketed, text_length)
+
+
+def _padding_is_inert(config: Any) -> bool:
+  """False when padded text positions change real tokens' encoder output (then no trimming).
+
+  Sinkformer attention (``sinkhorn_iters > 1``) also normalises over queries, padded ones
+  included. Everything else treats a position independently or masks padding out as a key
+  (the Swin bias indexes absolute positions, which trimming trailing columns keeps).
+  """
+  return getattr(config, "sinkhorn_iters", 1) <= 1
+
+
 class GenerationMixin:
   """Adds ``generate`` and generation-config persistence to a DALL·E mini model."""
 
@@ -181,6 +218,10 @@ class GenerationMixin:
   ) -> DalleMiniGenerateOutput:
     """Samples image tokens for a batch of tokenized prompts.
 
+    Trailing text columns that are padding in every row (prompt and unconditional masks alike)
+    are dropped before encoding, rounded up to a multiple of 16 tokens, which leaves the result
+    unchanged (not done for Sinkformer models, whose encoder normalises over padded positions too).
+
     Args:
       input_ids: (b, t) text ids, t <= max_text_length (from ``DalleMiniProcessor``).
       attention_mask: (b, t) 1 for real tokens (default: all ones).
@@ -234,12 +275,19 @@ class GenerationMixin:
       input_ids = jnp.repeat(input_ids, n_ret, axis=0)
       attention_mask = jnp.repeat(attention_mask, n_ret, axis=0)
     n = b * n_ret
-
-    encode = self._encode_jit() if trace else (lambda p, i, m: self.encode(i, m, params=p))
-    encoder_out = encode(params, input_ids, attention_mask)  # (n, t, d)
-    text_mask = attention_mask
     if guidance:
       neg_ids, neg_mask = self._negative_inputs(negative_prompt_ids, negative_prompt_attention_mask, b, t, n_ret)
+    if _padding_is_inert(config):
+      # both encodings go into one cross-attention, so they share the trimmed length L <= t
+      text_len = _trimmed_text_length([attention_mask, neg_mask] if guidance else [attention_mask], t)
+      input_ids, attention_mask = input_ids[:, :text_len], attention_mask[:, :text_len]
+      if guidance:
+        neg_ids, neg_mask = neg_ids[:, :text_len], neg_mask[:, :text_len]
+
+    encode = self._encode_jit() if trace else (lambda p, i, m: self.encode(i, m, params=p))
+    encoder_out = encode(params, input_ids, attention_mask)  # (n, L, d)
+    text_mask = attention_mask
+    if guidance:
       if bool(jnp.all(neg_ids == neg_ids[:1])) and bool(jnp.all(neg_mask == neg_mask[:1])):
         # one unconditional encoding, shared by every row
         neg_out = jnp.broadcast_to(encode(params, neg_ids[:1], neg_mask[:1]), (n, *encoder_out.shape[1:]))
