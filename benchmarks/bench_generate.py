@@ -76,17 +76,22 @@ def step_weight_bytes(params) -> int:
                  if k.startswith(("model/decoder/", "lm_head/")) and not any(s in k for s in skip)))
 
 
-def step_cache_bytes(cfg: dict, rows: int, itemsize: int) -> int:
-  """Mean bytes of attention state one decode step must read: the filled self-attention cache
-  slots (mean over the 256 positions) and the cross-attention keys/values of 64 text tokens."""
-  per_slot = 2 * cfg["decoder_layers"] * rows * cfg["d_model"] * itemsize  # keys and values
+PROMPT = [0, 100, 200, 300, 400, 2]  # the benchmark's prompt: 6 real tokens, padded to 64
+UNCONDITIONAL = 2  # the empty prompt: <s> </s>
+
+
+def step_cache_bytes(cfg: dict, batch: int, itemsize: int) -> int:
+  """Mean bytes of attention state one decode step must read with guidance: the filled
+  self-attention cache slots of the 2 * batch rows (mean over the 256 positions) and the
+  cross-attention keys/values of the real text tokens (padding need not be read)."""
+  per_token = 2 * cfg["decoder_layers"] * cfg["d_model"] * itemsize  # keys and values, one row
   mean_filled = (cfg["image_length"] + 1) / 2
-  return int(per_slot * (mean_filled + cfg["max_text_length"]))
+  return int(per_token * (2 * batch * mean_filled + batch * (len(PROMPT) + UNCONDITIONAL)))
 
 
 def bench_ours(model, params, batch: int, guidance: float) -> dict:
   ids = np.full((batch, 64), 1, np.int32)
-  ids[:, :6] = [0, 100, 200, 300, 400, 2]
+  ids[:, :len(PROMPT)] = PROMPT
   mask = (ids != 1).astype(np.int32)
   t0 = time.perf_counter()
   model.generate(ids, mask, params=params, seed=0, guidance_scale=guidance).sequences.block_until_ready()
@@ -163,7 +168,7 @@ def main() -> None:
   params = random_params(model, dtype)
   bandwidth = measure_bandwidth_gbs()
   weight_bytes = step_weight_bytes(params)
-  cache_bytes = step_cache_bytes(cfg, rows=2, itemsize=dtype.itemsize)  # batch 1 with guidance
+  cache_bytes = step_cache_bytes(cfg, batch=1, itemsize=dtype.itemsize)
   report = {
       "model": args.model, "dtype": args.dtype, "layout": args.layout,
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "guidance_scale": args.guidance_scale,
@@ -171,7 +176,7 @@ def main() -> None:
       "cpu_count": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
       "params": model.num_parameters(params),
       "memory_bandwidth_gbs": None,  # filled in below
-      "native_kernels": kernels.small_matmul_available(),
+      "native_kernels": kernels.kernels_available(),
       "step_weight_bytes": weight_bytes,
       "step_cache_bytes_batch1": cache_bytes,
       "bandwidth_bound_ms_per_step": None,

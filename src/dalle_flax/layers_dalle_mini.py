@@ -48,6 +48,9 @@ class BlockSpec:
     sinkhorn_iters: Sinkformer iterations (encoder self-attention only; 1 = softmax).
     dot_general: the Dense layers' product (inference swaps in
       :func:`dalle_flax.kernels.small_batch_dot_general` on CPU; same parameters).
+    one_query_attention: ``(q (b, h, hd), k, v (b, h, m, hd), mask (b, m), scale) -> (b, h, hd)``
+      used for plain softmax attention of a single query (a decode step); None: the einsum path.
+      Inference swaps in :func:`dalle_flax.kernels.one_query_attention` on CPU.
   """
 
   d_model: int
@@ -78,6 +81,7 @@ class BlockSpec:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   dot_general: Callable[..., Array] | None = None  # for every Dense (None: lax.dot_general)
+  one_query_attention: Callable[..., Array] | None = None
 
   @property
   def head_dim(self) -> int:
@@ -236,6 +240,41 @@ class Attention(nn.Module):
     """
     spec = self.spec
     scale = 1.0 / spec.tau if spec.use_cosine_attention else 1.0 / math.sqrt(spec.head_dim)
+    one_query = self._one_query_mask(q, segments)
+    if one_query is not None:
+      out = spec.one_query_attention(q[:, :, 0], segments[0].key, segments[0].value, one_query, scale)
+      out = out[:, None].astype(spec.dtype)  # (b, 1, h, hd)
+    else:
+      out = self._attend_einsum(q, segments, q_positions, scale)
+    if spec.use_head_scale:
+      out = out * self.head_scale  # NormFormer per-head scale
+    out = out.reshape(out.shape[:2] + (spec.d_model,))  # (b, n, d)
+    if spec.ln_positions == "subln" and not self.is_cross:
+      out = self.mid_layernorm(out)
+    return self.out_proj(out)
+
+  def _one_query_mask(self, q: Array, segments: Sequence[KeySegment]) -> Array | None:
+    """The (b, m) key mask when ``spec.one_query_attention`` can run this call, else None: one
+    query, one segment, plain softmax (no Swin bias, no Sinkhorn, no live dropout), a mask
+    without a head or query axis."""
+    spec = self.spec
+    if spec.one_query_attention is None or q.shape[2] != 1 or len(segments) != 1:
+      return None
+    if spec.use_swin_position_embeddings or (self.is_encoder and spec.sinkhorn_iters > 1):
+      return None
+    if not self.deterministic and spec.attention_dropout > 0:
+      return None
+    b, _, m, _ = segments[0].key.shape
+    mask = segments[0].mask
+    if mask is None:
+      return jnp.ones((b, m), bool)
+    if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+      return None
+    return jnp.broadcast_to(mask, (b, 1, 1, m)).reshape(b, m)
+
+  def _attend_einsum(self, q: Array, segments: Sequence[KeySegment], q_positions: Array, scale: float) -> Array:
+    """Softmax (or Sinkhorn) attention over the segments jointly: (b, n, h, hd)."""
+    spec = self.spec
     logits = []
     for seg in segments:
       lg = jnp.einsum("bhqd,bhkd->bhqk", q, seg.key).astype(jnp.float32) * scale  # (b, h, n, m)
@@ -257,12 +296,7 @@ class Attention(nn.Module):
     for seg, size in zip(segments, sizes):
       out = out + jnp.einsum("bhqk,bhkd->bqhd", weights[..., start : start + size], seg.value)
       start += size
-    if spec.use_head_scale:
-      out = out * self.head_scale  # NormFormer per-head scale
-    out = out.reshape(out.shape[:2] + (spec.d_model,))  # (b, n, d)
-    if spec.ln_positions == "subln" and not self.is_cross:
-      out = self.mid_layernorm(out)
-    return self.out_proj(out)
+    return out
 
   def _sinkhorn(self, logits: Array, mask: Array | None) -> Array:
     """Sinkformer: alternate key-wise / query-wise log-normalisation, re-masking each time."""

@@ -395,11 +395,12 @@ def _jitted_apply(module: DalleBartModule, method: str) -> Any:
 
 @functools.lru_cache(maxsize=64)
 def _native_module(module: DalleBartModule) -> DalleBartModule:
-  """Inference ``module`` with :func:`~dalle_flax.kernels.small_batch_dot_general` in the decoder's
-  Dense layers and the lm_head (the encoder runs through ``encode``, never here)."""
+  """Inference ``module`` with the native CPU kernels in its decoder: :func:`~dalle_flax.kernels.
+  small_batch_dot_general` in the Dense layers and the lm_head, :func:`~dalle_flax.kernels.
+  one_query_attention` for a step's attention (the encoder runs through ``encode``, never here)."""
   dot = kernels.small_batch_dot_general
-  spec = dataclasses.replace(module.spec, decoder=dataclasses.replace(module.spec.decoder, dot_general=dot),
-                             dot_general=dot)
+  decoder = dataclasses.replace(module.spec.decoder, dot_general=dot, one_query_attention=kernels.one_query_attention)
+  spec = dataclasses.replace(module.spec, decoder=decoder, dot_general=dot)
   return DalleBartModule(spec, deterministic=True)
 
 
@@ -481,7 +482,7 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
              native: bool = False) -> Any:
     """``module.apply`` of one entry point, jitted (shared by every model with the same module).
 
-    ``native=True`` runs the module with the native CPU small-batch matmul in its Dense layers.
+    ``native=True`` runs the module with the native CPU kernels in its decoder (see ``_native_module``).
     """
     if train and dropout_rng is None and self.config.dropout > 0:
       raise ValueError("train=True applies dropout and needs dropout_rng=jax.random.key(...)")
@@ -491,10 +492,11 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
 
   def native_decode_step(self, params: Any, token: Array, position: Array,
                          cache: DecoderCache) -> tuple[Array, DecoderCache]:
-    """:meth:`decode_step` with the native CPU small-batch matmul in every Dense layer.
+    """:meth:`decode_step` with the native CPU kernels: the small-batch matmul in every Dense
+    layer and the one-query attention over the cache and the text.
 
     Same parameters and results up to float32 rounding; ``generate`` uses it on a single CPU
-    device when :func:`dalle_flax.kernels.small_matmul_available` (see that module).
+    device when :func:`dalle_flax.kernels.kernels_available` (see that module).
     """
     return self._apply(params, token, position, cache, method="decode_step", native=True)
 

@@ -65,7 +65,7 @@ SCRIPT = textwrap.dedent("""
     kinds = sorted({str(x.sharding.spec) for x in jax.tree.leaves(params)})
     steps = {name: model._loop_decode_step(p).__name__ for name, p in (("single", model.params), ("sharded", params))}
     print(json.dumps({"same": bool((np.asarray(sharded) == single).all()), "specs": kinds, "steps": steps,
-                      "kernel": kernels.small_matmul_available()}))
+                      "kernel": kernels.kernels_available()}))
 """)
 
 

@@ -328,10 +328,10 @@ class GenerationMixin:
     return DalleMiniGenerateOutput(sequences=state.sequences)
 
   def _loop_decode_step(self, params: Any) -> Callable[..., Any]:
-    """The model's ``native_decode_step`` (CPU small-batch matmul kernel) when the parameters
+    """The model's ``native_decode_step`` (native CPU kernels) when the parameters
     sit on one CPU device and the kernel builds; else ``decode_step``."""
     native = getattr(self, "native_decode_step", None)
-    if native is not None and _on_one_cpu_device(params) and kernels.small_matmul_available():
+    if native is not None and _on_one_cpu_device(params) and kernels.kernels_available():
       return native
     return self.decode_step
 

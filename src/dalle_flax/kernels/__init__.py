@@ -3,21 +3,26 @@
 Example::
 
   from dalle_flax import kernels
-  if kernels.small_matmul_available():
+  if kernels.kernels_available():
     y = kernels.small_batch_dot_general(x, w, (((1,), (0,)), ((), ())))
 
-One kernel so far: ``small_matmul.cc``, a float32 ``(M, K) @ (K, N)`` for 1 <= M <= 16 rows, the
-shape of every Dense layer in a decode step. XLA:CPU runs these through Eigen's GEMM, which
-packs the weights first and reads them at about half the machine's bandwidth; the kernel
-streams each weight row once for all rows (1.5-2x faster at 2-8 rows on a 2-core x86 VM).
+Two kernels, for the shapes of a decode step, in one library:
 
-Building: the first call compiles the source with the system C++ compiler (``$CXX``, else
+* ``small_matmul.cc``: a float32 ``(M, K) @ (K, N)`` for 1 <= M <= 16 rows, every Dense layer of
+  a decode step. XLA:CPU runs these through Eigen's GEMM, which packs the weights first and
+  reads them at about half the machine's bandwidth; the kernel streams each weight row once
+  for all rows (1.5-2x faster at 2-8 rows on a 2-core x86 VM).
+* ``decode_attention.cc``: one query per row against a key/value cache, reading only the
+  visible (filled, unmasked) slots, with the dot, softmax and weighted sum in one pass. XLA
+  runs this as two batched matrix-vector dots over every slot (3-4x slower at 2 rows).
+
+Building: the first call compiles the sources with the system C++ compiler (``$CXX``, else
 ``c++``/``g++``/``clang++``) against ``jax.ffi.include_dir()``, ``-O3 -march=native``, into
 ``$DALLE_FLAX_KERNEL_CACHE`` (default ``~/.cache/dalle_flax/kernels``), keyed by a hash of the
-source, jaxlib version, compiler, flags and CPU, written to a temp file and renamed. Later
+sources, jaxlib version, compiler, flags and CPU, written to a temp file and renamed. Later
 processes load the cached library. If anything fails (no compiler, no headers), a warning says
-why once and :func:`small_batch_dot_general` is plain ``lax.dot_general``: results are the same
-up to float rounding, only slower. ``DALLE_FLAX_NATIVE_KERNELS=0`` turns the kernels off.
+why once and :func:`small_batch_dot_general` / :func:`one_query_attention` use XLA: results are
+the same up to float rounding, only slower. ``DALLE_FLAX_NATIVE_KERNELS=0`` turns the kernels off.
 """
 
 from __future__ import annotations
@@ -40,18 +45,22 @@ import numpy as np
 
 __all__ = [
     "MAX_ROWS",
-    "build_small_matmul",
+    "build_kernels",
+    "decode_attention",
+    "kernels_available",
     "native_kernels_enabled",
+    "one_query_attention",
     "small_batch_dot_general",
     "small_matmul",
-    "small_matmul_available",
 ]
 
 logger = logging.getLogger(__name__)
 
-TARGET = "dalle_flax_small_matmul"
-SYMBOL = "DalleFlaxSmallMatmul"
-SOURCE = Path(__file__).with_name("small_matmul.cc")
+MATMUL_TARGET = "dalle_flax_small_matmul"
+ATTENTION_TARGET = "dalle_flax_decode_attention"
+# FFI target name -> handler symbol in the library
+_TARGETS = {MATMUL_TARGET: "DalleFlaxSmallMatmul", ATTENTION_TARGET: "DalleFlaxDecodeAttention"}
+SOURCES = (Path(__file__).with_name("small_matmul.cc"), Path(__file__).with_name("decode_attention.cc"))
 # Rows up to which the kernel beats XLA's GEMM (measured: 2-16 rows faster, 32 rows even).
 MAX_ROWS = 16
 ENV_SWITCH = "DALLE_FLAX_NATIVE_KERNELS"
@@ -96,8 +105,8 @@ def _cpu_fingerprint() -> str:
   return text
 
 
-def build_small_matmul(cache_dir: Path | None = None, compiler: str | None = None) -> Path:
-  """Compiles ``small_matmul.cc`` (or finds it in the cache) and returns the library path.
+def build_kernels(cache_dir: Path | None = None, compiler: str | None = None) -> Path:
+  """Compiles :data:`SOURCES` into one library (or finds it in the cache) and returns its path.
 
   Raises:
     RuntimeError: no compiler, or the compiler failed (its output is in the message).
@@ -108,7 +117,7 @@ def build_small_matmul(cache_dir: Path | None = None, compiler: str | None = Non
   include = jax.ffi.include_dir()
   import jaxlib
 
-  source = SOURCE.read_bytes()
+  source = b"\0".join(src.read_bytes() for src in SOURCES)
   attempts = [(*_FLAGS, "-march=native"), _FLAGS]  # -march=native is not supported everywhere
   cache_dir = Path(cache_dir) if cache_dir is not None else _cache_dir()
   cache_dir.mkdir(parents=True, exist_ok=True)
@@ -117,13 +126,13 @@ def build_small_matmul(cache_dir: Path | None = None, compiler: str | None = Non
     key = hashlib.sha256(
         b"\0".join([source, jaxlib.__version__.encode(), compiler.encode(), " ".join(flags).encode(),
                     _cpu_fingerprint().encode()])).hexdigest()[:24]
-    path = cache_dir / f"small_matmul-{key}.so"
+    path = cache_dir / f"dalle_flax_kernels-{key}.so"
     if path.is_file():
       return path
     fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".tmp-", dir=cache_dir)
     os.close(fd)
     try:
-      cmd = [compiler, *flags, "-I", include, str(SOURCE), "-o", tmp]
+      cmd = [compiler, *flags, "-I", include, *map(str, SOURCES), "-o", tmp]
       run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
       if run.returncode == 0:
         os.replace(tmp, path)  # atomic: a concurrent process sees the whole library or none
@@ -132,19 +141,20 @@ def build_small_matmul(cache_dir: Path | None = None, compiler: str | None = Non
     finally:
       if os.path.exists(tmp):
         os.unlink(tmp)
-  raise RuntimeError("compiling the small-matmul kernel failed:\n" + "\n".join(errors))
+  raise RuntimeError("compiling the native kernels failed:\n" + "\n".join(errors))
 
 
-def small_matmul_available() -> bool:
-  """Builds, loads and registers the kernel once per process; False (with one warning) on failure."""
+def kernels_available() -> bool:
+  """Builds, loads and registers the kernels once per process; False (with one warning) on failure."""
   if not native_kernels_enabled():
     return False
   with _lock:
     if "available" not in _state:
       try:
-        path = build_small_matmul()
+        path = build_kernels()
         library = ctypes.CDLL(str(path))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, SYMBOL)), platform="cpu")
+        for target, symbol in _TARGETS.items():
+          jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
         _state.update(available=True, path=path, library=library)
       except Exception as e:  # noqa: BLE001 - any failure means: use XLA's dot instead
         _state.update(available=False, reason=f"{type(e).__name__}: {e}")
@@ -158,7 +168,7 @@ def small_matmul_available() -> bool:
 def small_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """``x @ w`` for float32 ``x`` (M, K) with ``M <= MAX_ROWS`` and ``w`` (K, N), by the kernel.
 
-  Call :func:`small_matmul_available` first. CPU only; no gradient.
+  Call :func:`kernels_available` first. CPU only; no gradient.
   """
   if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
     raise ValueError(f"small_matmul needs x (M, K) and w (K, N), got {x.shape} and {w.shape}")
@@ -167,7 +177,7 @@ def small_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   if not 1 <= x.shape[0] <= MAX_ROWS:
     raise ValueError(f"small_matmul takes 1 to {MAX_ROWS} rows, got {x.shape[0]}")
   out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
-  return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, w)
+  return jax.ffi.ffi_call(MATMUL_TARGET, out, vmap_method="sequential")(x, w)
 
 
 def small_batch_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
@@ -186,10 +196,45 @@ def small_batch_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: A
       and not lhs_batch and not rhs_batch and 1 <= rows <= MAX_ROWS
       and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
       and preferred_element_type in (None, jnp.float32)
-      and small_matmul_available()
+      and kernels_available()
   )
   if not eligible:
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
   out = small_matmul(lhs.reshape(rows, lhs.shape[-1]), rhs)
   return out.reshape(*lhs.shape[:-1], rhs.shape[1])
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+  """One-query attention by the kernel: ``softmax(scale * q.k over visible slots) @ v``.
+
+  Args:
+    q: (B, H, D) float32 queries.
+    k, v: (B, H, S, D) float32 keys and values (head-major, as the decoder's cache).
+    mask: (B, S), nonzero/True where a slot may be attended; slots that are not are never read.
+    scale: the logit scale (``1/sqrt(D)``, or ``1/tau`` for cosine attention).
+
+  Returns:
+    (B, H, D) float32; NaN for a row with no visible slot (as softmax over all ``-inf``).
+
+  Call :func:`kernels_available` first. CPU only; no gradient.
+  """
+  if q.ndim != 3 or k.ndim != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[2]:
+    raise ValueError(f"decode_attention needs q (B, H, D) and k, v (B, H, S, D), got {q.shape}, {k.shape}, {v.shape}")
+  if mask.shape != (k.shape[0], k.shape[2]):
+    raise ValueError(f"decode_attention needs mask (B, S) = {(k.shape[0], k.shape[2])}, got {mask.shape}")
+  if not all(a.dtype == jnp.float32 for a in (q, k, v)):
+    raise ValueError(f"decode_attention is float32 only, got {q.dtype}, {k.dtype}, {v.dtype}")
+  out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+  return jax.ffi.ffi_call(ATTENTION_TARGET, out, vmap_method="sequential")(
+      q, k, v, mask.astype(jnp.int32), scale=np.float32(scale))
+
+
+def one_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+  """:func:`decode_attention` when the kernel applies (float32, kernel built), else the same
+  math in XLA (``einsum``, masked ``softmax``, ``einsum``). Shapes as :func:`decode_attention`."""
+  if all(a.dtype == jnp.float32 for a in (q, k, v)) and kernels_available():
+    return decode_attention(q, k, v, mask, scale)
+  logits = jnp.einsum("bhd,bhsd->bhs", q, k).astype(jnp.float32) * scale
+  weights = jax.nn.softmax(jnp.where(mask.astype(bool)[:, None, :], logits, -jnp.inf), axis=-1)
+  return jnp.einsum("bhs,bhsd->bhd", weights.astype(v.dtype), v)
