@@ -6,7 +6,8 @@
 // per row against the self-attention cache (S slots, of which only the first position + 1 are
 // filled) or against the encoder's keys/values (masked padding). XLA runs it as two batched
 // matrix-vector dots over every slot; here masked slots are skipped, so a step reads only the
-// filled part of the cache, and the dot, softmax and weighted sum run in one pass per (b, h).
+// filled part of the cache, and each (b, h) is finished by one thread while its keys and values
+// are in cache: logits (values prefetched meanwhile), a vectorised exp, the weighted sum.
 //
 // Semantics match jax.nn.softmax over logits with masked entries set to -inf: a row with no
 // visible key gives NaN. Each (b, h) is computed whole by one thread, so results do not depend
