@@ -1,6 +1,7 @@
 """generate() mechanics with a fake model (flax lm1b style): keys, guidance, settings, retracing;
 text-padding trimming also on a tiny random DalleBart."""
 
+import logging
 from types import SimpleNamespace
 
 import jax
@@ -326,3 +327,14 @@ def test_no_trimming_for_sinkformer(model):
   seen = spy_text_lengths(model)
   model.generate(*padded_prompts([3], 64), seed=0, guidance_scale=3.0)
   assert seen == {"encode": [64], "init_cache": [64]}
+
+
+def test_scanned_layout_warns_once(caplog):
+  ids, mask = padded_prompts([5], 40)
+  scanned = tiny_dallebart(use_scan=True)
+  with caplog.at_level(logging.WARNING, logger="dalle_flax.generation.utils"):
+    scanned.generate(ids, mask, do_sample=False)
+    scanned.generate(ids, mask, do_sample=False)
+    tiny_dallebart(use_scan=False).generate(ids, mask, do_sample=False)
+  warnings = [r for r in caplog.records if "use_scan=False" in r.getMessage()]
+  assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
