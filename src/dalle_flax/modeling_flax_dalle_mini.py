@@ -40,7 +40,7 @@ from .convert.bart2021 import convert_bart2021_config, convert_bart2021_params, 
 from .convert.scan import is_scanned, scan_params, unscan_params
 from .generation.utils import GenerationMixin
 from .layers_dalle_mini import BlockSpec, DecoderStack, EncoderStack, StackSpec, make_norm
-from .modeling_flax_utils import FlaxPreTrainedModel
+from .modeling_flax_utils import FlaxPreTrainedModel, flatten_params, unflatten_params
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,11 @@ class ModelSpec:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   dot_general: Any = None  # the lm_head's product (see BlockSpec.dot_general)
+  unrolled_decoder: bool = False  # decoder layers unrolled even when use_scan (generate's decoding view)
+
+  @property
+  def decoder_scanned(self) -> bool:
+    return self.use_scan and not self.unrolled_decoder
 
 
 def model_spec(config: Any, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> ModelSpec:
@@ -249,7 +254,7 @@ class Decoder(nn.Module):
       self.embed_positions = nn.Embed(spec.decoder_positions + spec.position_offset, d, embedding_init=init,
                                       dtype=spec.dtype, param_dtype=spec.param_dtype)
     self.layernorm_embedding = make_norm(spec.ln_type, True, None, spec.dtype, spec.param_dtype)
-    self.layers = DecoderStack(StackSpec(spec.decoder, spec.decoder_layers, spec.use_scan,
+    self.layers = DecoderStack(StackSpec(spec.decoder, spec.decoder_layers, spec.decoder_scanned,
                                          spec.gradient_checkpointing), self.deterministic)
     if spec.use_final_ln_decoder and spec.ln_positions != "postln":
       self.final_ln = make_norm(spec.ln_type, spec.force_ln_scale, None, spec.dtype, spec.param_dtype)
@@ -351,7 +356,7 @@ class DalleBartModule(nn.Module):
     shape = (self.spec.decoder_layers, encoder_out.shape[0], spec.num_heads, self.spec.decoder_positions,
              spec.head_dim)
     self_key, self_value = jnp.zeros(shape, cross_key.dtype), jnp.zeros(shape, cross_value.dtype)
-    if not self.spec.use_scan:  # one array per layer (see DecoderCache)
+    if not self.spec.decoder_scanned:  # one array per layer (see DecoderCache)
       self_key, self_value, cross_key, cross_value = (
           tuple(a[i] for i in range(a.shape[0])) for a in (self_key, self_value, cross_key, cross_value))
     return DecoderCache(
@@ -402,6 +407,13 @@ def _native_module(module: DalleBartModule) -> DalleBartModule:
   decoder = dataclasses.replace(module.spec.decoder, dot_general=dot, one_query_attention=kernels.one_query_attention)
   spec = dataclasses.replace(module.spec, decoder=decoder, dot_general=dot)
   return DalleBartModule(spec, deterministic=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _unrolled_module(module: DalleBartModule) -> DalleBartModule:
+  """``module`` with its decoder layers unrolled (parameters ``FlaxBartDecoderLayer_{i}``): the
+  decoding view of a scanned model (see ``_decoding_params``)."""
+  return DalleBartModule(dataclasses.replace(module.spec, unrolled_decoder=True), deterministic=module.deterministic)
 
 
 def _ids(name: str, value: Any) -> Array:
@@ -479,16 +491,63 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
     return flat
 
   def _apply(self, params: Any, *args: Any, method: str, train: bool = False, dropout_rng: Array | None = None,
-             native: bool = False) -> Any:
+             native: bool = False, unrolled: bool = False) -> Any:
     """``module.apply`` of one entry point, jitted (shared by every model with the same module).
 
-    ``native=True`` runs the module with the native CPU kernels in its decoder (see ``_native_module``).
+    ``native=True`` runs the module with the native CPU kernels in its decoder (see ``_native_module``);
+    ``unrolled=True`` with its decoder layers unrolled (parameters from ``_decoding_params``).
     """
     if train and dropout_rng is None and self.config.dropout > 0:
       raise ValueError("train=True applies dropout and needs dropout_rng=jax.random.key(...)")
     rngs = {"dropout": dropout_rng} if (train and dropout_rng is not None) else None
-    module = _native_module(self.module) if native else self.module.clone(deterministic=not train)
+    module = self.module.clone(deterministic=not train)
+    if unrolled:
+      module = _unrolled_module(module)
+    if native:
+      module = _native_module(module)
     return _jitted_apply(module, method)(self._require_params(params), rngs, *args)
+
+  # --- generate()'s decoding view of a scanned model ------------------------------------------
+  def _decoding_params(self, params: Any) -> tuple[Any, bool]:
+    """Parameters for incremental decoding, and whether the decoder layers were unrolled.
+
+    A scanned (stacked) decoder makes XLA slice every layer's weights out of the stack at each
+    decode step, which copies them (about 3x slower on CPU). For a scanned model this splits the
+    decoder stack per layer once per ``generate`` call (the encoder stays as it is); the loop then
+    runs :meth:`_unrolled_init_cache` / :meth:`_unrolled_decode_step`. Same numbers. Unscanned
+    models, and postln decoders whose last end-of-layer norm scale is not all ones (the unrolled
+    layout has no scale there), keep their parameters.
+    """
+    params = self._require_params(params)
+    if not self.module.spec.use_scan:
+      return params, False
+    flat = flatten_params(params)
+    stack = "model/decoder/layers/FlaxBartDecoderLayers/"
+    stacked = {k: v for k, v in flat.items() if k.startswith(stack)}
+    if not stacked:
+      return params, False
+    layers = unscan_params(stacked)
+    if self.config.ln_positions == "postln" and not self.config.force_ln_scale:
+      try:
+        layers = _drop_last_layer_unit_scale(layers, self.config)
+      except ValueError:
+        return params, False
+    rest = {k: v for k, v in flat.items() if not k.startswith(stack)}
+    return unflatten_params({**rest, **layers}), True
+
+  def _unrolled_init_cache(self, params: Any, encoder_out: Array, text_mask: Array) -> DecoderCache:
+    """:meth:`init_cache` for ``_decoding_params``' unrolled parameters."""
+    return self._apply(params, encoder_out, text_mask, method="init_cache", unrolled=True)
+
+  def _unrolled_decode_step(self, params: Any, token: Array, position: Array,
+                            cache: DecoderCache) -> tuple[Array, DecoderCache]:
+    """:meth:`decode_step` for ``_decoding_params``' unrolled parameters."""
+    return self._apply(params, token, position, cache, method="decode_step", unrolled=True)
+
+  def _unrolled_native_decode_step(self, params: Any, token: Array, position: Array,
+                                   cache: DecoderCache) -> tuple[Array, DecoderCache]:
+    """:meth:`native_decode_step` for ``_decoding_params``' unrolled parameters."""
+    return self._apply(params, token, position, cache, method="decode_step", native=True, unrolled=True)
 
   def native_decode_step(self, params: Any, token: Array, position: Array,
                          cache: DecoderCache) -> tuple[Array, DecoderCache]:

@@ -11,9 +11,11 @@ import pytest
 from flax import struct
 
 from dalle_flax import DalleBartConfig, FlaxDalleMiniForConditionalGeneration
+from dalle_flax.convert.scan import unscan_params
 from dalle_flax.generation import GenerationMixin, apply_guidance, sample_token, top_p_mask
 from dalle_flax.generation import utils as generation_utils
 from dalle_flax.generation.sampling import SamplingKnobs
+from dalle_flax.modeling_flax_utils import flatten_params, unflatten_params
 
 VOCAB = 10  # ids 0..7 are "codes", 8 is the start token, 9 is eos/pad
 LENGTH = 6
@@ -240,17 +242,21 @@ def untrimmed(monkeypatch):
 def spy_text_lengths(model):
   """Records the text length each encode / init_cache sees: once per compiled shape under jit."""
   seen = {"encode": [], "init_cache": []}
-  encode, init_cache = model.encode, model.init_cache
+  encode = model.encode
 
   def spy_encode(input_ids, attention_mask, params):
     seen["encode"].append(input_ids.shape[1])
     return encode(input_ids, attention_mask, params)
 
-  def spy_init_cache(params, encoder_out, text_mask):
-    seen["init_cache"].append(text_mask.shape[1])
-    return init_cache(params, encoder_out, text_mask)
+  def spy(init_cache):
+    def spy_init_cache(params, encoder_out, text_mask):
+      seen["init_cache"].append(text_mask.shape[1])
+      return init_cache(params, encoder_out, text_mask)
+    return spy_init_cache
 
-  model.encode, model.init_cache = spy_encode, spy_init_cache
+  model.encode, model.init_cache = spy_encode, spy(model.init_cache)
+  if hasattr(model, "_unrolled_init_cache"):  # a scanned model's decoding view (see _decoding_params)
+    model._unrolled_init_cache = spy(model._unrolled_init_cache)
   return seen
 
 
@@ -329,12 +335,39 @@ def test_no_trimming_for_sinkformer(model):
   assert seen == {"encode": [64], "init_cache": [64]}
 
 
-def test_scanned_layout_warns_once(caplog):
-  ids, mask = padded_prompts([5], 40)
+def test_scanned_model_decodes_through_unrolled_layers(caplog):
+  ids, mask = padded_prompts([5, 7], 40)
   scanned = tiny_dallebart(use_scan=True)
+  unrolled = tiny_dallebart(use_scan=False)
+  unrolled.params = unflatten_params(unscan_params(flatten_params(scanned.params)))
+  params, was_unrolled = scanned._decoding_params(scanned.params)
+  assert was_unrolled and "FlaxBartDecoderLayer_1" in str(jax.tree_util.tree_structure(params))
+  assert "FlaxBartEncoderLayers" in str(jax.tree_util.tree_structure(params))  # the encoder stays stacked
+  steps = []
+  for name in ("_unrolled_decode_step", "_unrolled_native_decode_step"):
+    step = getattr(scanned, name)
+    setattr(scanned, name, lambda *args, _step=step: steps.append(1) or _step(*args))
+  for kwargs in ({"do_sample": False}, {"seed": 4, "guidance_scale": 3.0, "temperature": 2.0}):
+    with caplog.at_level(logging.WARNING, logger="dalle_flax.generation.utils"):
+      got = np.asarray(scanned.generate(ids, mask, **kwargs).sequences)
+    np.testing.assert_array_equal(got, unrolled.generate(ids, mask, **kwargs).sequences)
+  eager = scanned.generate(ids, mask, do_sample=False, trace=False).sequences  # the Python loop too
+  np.testing.assert_array_equal(eager, unrolled.generate(ids, mask, do_sample=False).sequences)
+  assert steps  # the loop ran the unrolled step ...
+  assert not [r for r in caplog.records if "use_scan=False" in r.getMessage()]  # ... so no warning
+
+
+def test_scanned_postln_with_a_last_scale_decodes_scanned_and_warns_once(caplog):
+  ids, mask = padded_prompts([5], 40)
+  model = tiny_dallebart(use_scan=True, ln_positions="postln")
+  flat = flatten_params(model.params)
+  key = next(k for k in flat if k.startswith("model/decoder/layers/FlaxBartDecoderLayers/") and k.endswith("_2/scale"))
+  flat[key] = flat[key].at[-1].set(2.0)  # the unrolled layout has no scale there: cannot unroll
+  model.params = unflatten_params(flat)
+  assert model._decoding_params(model.params)[1] is False
   with caplog.at_level(logging.WARNING, logger="dalle_flax.generation.utils"):
-    scanned.generate(ids, mask, do_sample=False)
-    scanned.generate(ids, mask, do_sample=False)
-    tiny_dallebart(use_scan=False).generate(ids, mask, do_sample=False)
+    model.generate(ids, mask, do_sample=False)
+    out = model.generate(ids, mask, do_sample=False).sequences
+  assert out.shape == (1, 1 + model.config.image_length)
   warnings = [r for r in caplog.records if "use_scan=False" in r.getMessage()]
   assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING

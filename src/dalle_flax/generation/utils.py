@@ -194,10 +194,11 @@ class GenerationMixin:
       self._encode_fn = jax.jit(lambda p, ids, mask: self.encode(ids, mask, params=p))
     return self._encode_fn
 
-  def _init_cache_jit(self) -> Callable[..., Any]:
-    if getattr(self, "_init_cache_fn", None) is None:
-      self._init_cache_fn = jax.jit(self.init_cache)
-    return self._init_cache_fn
+  def _init_cache_jit(self, unrolled: bool = False) -> Callable[..., Any]:
+    fns = self.__dict__.setdefault("_init_cache_fns", {})
+    if unrolled not in fns:
+      fns[unrolled] = jax.jit(self._unrolled_init_cache if unrolled else self.init_cache)
+    return fns[unrolled]
 
   def generate(
       self,
@@ -217,6 +218,9 @@ class GenerationMixin:
       **kwargs: Any,
   ) -> DalleMiniGenerateOutput:
     """Samples image tokens for a batch of tokenized prompts.
+
+    A scanned model decodes through its decoder layers split per layer (copied once per call; see
+    the model's ``_decoding_params``), as fast as an unrolled one.
 
     Trailing text columns that are padding in every row (prompt and unconditional masks alike)
     are dropped before encoding, rounded up to a multiple of 16 tokens, which leaves the result
@@ -248,16 +252,19 @@ class GenerationMixin:
     negative_prompt_ids = _merge_alias("negative_prompt_ids", negative_prompt_ids, kwargs)
     negative_prompt_attention_mask = _merge_alias(
         "negative_prompt_attention_mask", negative_prompt_attention_mask, kwargs)
-    if getattr(self.config, "use_scan", False) and not getattr(self, "_warned_scan", False):
-      self._warned_scan = True
-      logger.warning("Generating with scanned (stacked) layers, which slices every layer's weights out of "
-                     "the stack at each step (about 3x slower on CPU); load with from_pretrained(..., "
-                     "use_scan=False) for inference (the pipeline does): see the README's performance section.")
     config = self.config
     vocab = config.image_vocab_size + 1
     gen = resolve_generation_config(self.generation_config, generation_config, kwargs,
                                     image_length=config.image_length, vocab_size=vocab)
     params = self._require_params(params)
+    # a scanned model decodes through its decoder layers split per layer (see _decoding_params)
+    decoding = getattr(self, "_decoding_params", None)
+    loop_params, unrolled = decoding(params) if decoding is not None else (params, False)
+    if getattr(config, "use_scan", False) and not unrolled and not getattr(self, "_warned_scan", False):
+      self._warned_scan = True
+      logger.warning("Generating with scanned (stacked) decoder layers, which slices every layer's weights "
+                     "out of the stack at each step (about 3x slower on CPU); load with from_pretrained(..., "
+                     "use_scan=False) for inference: see the README's performance section.")
     input_ids = _as_ids("input_ids", input_ids)
     b, t = input_ids.shape
     if t > config.max_text_length:
@@ -296,8 +303,11 @@ class GenerationMixin:
         neg_out = encode(params, neg_ids, neg_mask)
       encoder_out = jnp.concatenate([encoder_out, neg_out.astype(encoder_out.dtype)])
       text_mask = jnp.concatenate([attention_mask, neg_mask])
-    init_cache = self._init_cache_jit() if trace else self.init_cache
-    cache = init_cache(params, encoder_out, text_mask)
+    if trace:
+      init_cache = self._init_cache_jit(unrolled)
+    else:
+      init_cache = self._unrolled_init_cache if unrolled else self.init_cache
+    cache = init_cache(loop_params, encoder_out, text_mask)
 
     start_id = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else config.decoder_start_token_id
     pad_id = gen.pad_token_id if gen.pad_token_id is not None else start_id
@@ -307,7 +317,8 @@ class GenerationMixin:
         token=jnp.full((n,), start_id, jnp.int32), sequences=sequences,
         finished=jnp.zeros((n,), bool), cache=cache, row_keys=_row_keys(n, prng_key, seed))
     spec = LoopSpec(
-        decode_step=self._loop_decode_step(params), do_sample=bool(gen.do_sample), top_k=min(int(gen.top_k or 0), vocab),  # as transformers: k capped at the vocabulary
+        decode_step=self._loop_decode_step(params, unrolled), do_sample=bool(gen.do_sample),
+        top_k=min(int(gen.top_k or 0), vocab),  # as transformers: k capped at the vocabulary
         guidance=guidance, eos_token_id=eos if eos is not None and 0 <= eos < vocab else None,
         pad_token_id=int(pad_id), logits_processors=tuple(logits_processor or ()))
     knobs = SamplingKnobs(
@@ -321,20 +332,22 @@ class GenerationMixin:
     for begin in range(0, length, chunk):
       steps = min(chunk, length - begin)
       if trace:
-        state = _jitted_loop()(spec, params, state, knobs, suppress_bias, jnp.int32(begin), steps)
+        state = _jitted_loop()(spec, loop_params, state, knobs, suppress_bias, jnp.int32(begin), steps)
       else:
-        state = run_steps(spec, params, state, knobs, suppress_bias, jnp.int32(begin), steps, scan=False)
+        state = run_steps(spec, loop_params, state, knobs, suppress_bias, jnp.int32(begin), steps, scan=False)
       if callback is not None:
         callback(begin + steps, np.asarray(state.sequences[:, 1 : begin + steps + 1]))
     return DalleMiniGenerateOutput(sequences=state.sequences)
 
-  def _loop_decode_step(self, params: Any) -> Callable[..., Any]:
-    """The model's ``native_decode_step`` (native CPU kernels) when the parameters
-    sit on one CPU device and the kernel builds; else ``decode_step``."""
-    native = getattr(self, "native_decode_step", None)
+  def _loop_decode_step(self, params: Any, unrolled: bool = False) -> Callable[..., Any]:
+    """The model's ``native_decode_step`` (native CPU kernels) when the parameters sit on one CPU
+    device and the kernels build; else ``decode_step`` (their ``_unrolled_*`` variants for the
+    parameters of ``_decoding_params``)."""
+    prefix = "_unrolled_" if unrolled else ""
+    native = getattr(self, prefix + "native_decode_step", None)
     if native is not None and _on_one_cpu_device(params) and kernels.kernels_available():
       return native
-    return self.decode_step
+    return getattr(self, prefix + "decode_step")
 
   def _negative_inputs(self, ids: Any, mask: Any, b: int, t: int, n_ret: int) -> tuple[jax.Array, jax.Array]:
     if ids is None:

@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 
 # Inference loads the layers unrolled: with scanned (stacked) layers XLA slices every layer's
 # weights out of the stack at each decode step, which makes a mini decode step 2.9x slower on
-# CPU (benchmarks/bench_generate.py --layout). Remat is a training-only memory trade.
+# CPU (benchmarks/bench_generate.py --layout); generate() then splits the decoder stack per layer
+# at every call, which loading unrolled saves. Remat is a training-only memory trade.
 INFERENCE_LAYOUT = {"use_scan": False, "gradient_checkpointing": False}
 
 __all__ = [
