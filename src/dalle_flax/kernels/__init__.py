@@ -61,6 +61,7 @@ ATTENTION_TARGET = "dalle_flax_decode_attention"
 # FFI target name -> handler symbol in the library
 _TARGETS = {MATMUL_TARGET: "DalleFlaxSmallMatmul", ATTENTION_TARGET: "DalleFlaxDecodeAttention"}
 SOURCES = (Path(__file__).with_name("small_matmul.cc"), Path(__file__).with_name("decode_attention.cc"))
+HEADERS = (Path(__file__).with_name("common.h"),)  # included by the sources: part of the cache key
 # Rows up to which the kernel beats XLA's GEMM (measured: 2-16 rows faster, 32 rows even).
 MAX_ROWS = 16
 ENV_SWITCH = "DALLE_FLAX_NATIVE_KERNELS"
@@ -117,7 +118,7 @@ def build_kernels(cache_dir: Path | None = None, compiler: str | None = None) ->
   include = jax.ffi.include_dir()
   import jaxlib
 
-  source = b"\0".join(src.read_bytes() for src in SOURCES)
+  source = b"\0".join(src.read_bytes() for src in SOURCES + HEADERS)
   attempts = [(*_FLAGS, "-march=native"), _FLAGS]  # -march=native is not supported everywhere
   cache_dir = Path(cache_dir) if cache_dir is not None else _cache_dir()
   cache_dir.mkdir(parents=True, exist_ok=True)

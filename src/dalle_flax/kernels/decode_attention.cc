@@ -24,21 +24,16 @@
 #include <thread>
 #include <vector>
 
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v8f __attribute__((vector_size(32)));  // GCC/Clang vector extension (8 floats)
-
-inline v8f Load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void Store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+using dalle_flax_kernels::Load8;
+using dalle_flax_kernels::Store8;
+using dalle_flax_kernels::v8f;
 
 typedef float v4f __attribute__((vector_size(16)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -121,6 +116,7 @@ inline void Axpy(float w, const float* v, float* out, int64_t d) {
   for (int64_t i = d8; i < d; ++i) out[i] += w * v[i];
 }
 
+// Work shared by the caller and the pool tasks (see RunOnPool): one item per (b, h).
 struct Job {
   const float* q;
   const float* k;
@@ -264,11 +260,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const int64_t work = 2 * visible * H * D;  // key and value floats read
   const int64_t helpers =
       work < kMinParallelFloats ? 0 : std::min<int64_t>(pool.num_threads() - 1, units - 1);
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([job] { job->RunAvailable(); });
-  }
-  job->RunAvailable();
-  while (job->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
+  dalle_flax_kernels::RunOnPool(pool, job, helpers, units);
   return ffi::Error::Success();
 }
 

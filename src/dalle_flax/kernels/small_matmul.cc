@@ -9,9 +9,8 @@
 //
 // Parallelism: K is cut into a fixed number of chunks (independent of the thread count, so
 // results are bitwise reproducible); each chunk writes its own partial sum and the partials are
-// added in chunk order. Chunks are claimed from an atomic counter by the calling thread and by
-// tasks scheduled on XLA's intra-op thread pool; the caller only ever waits for chunks that a
-// running thread has already claimed, so it cannot deadlock when the pool is busy.
+// added in chunk order. Chunks are claimed by the calling thread and by tasks on XLA's intra-op
+// thread pool (RunOnPool in common.h).
 //
 // Built on first use by dalle_flax.kernels (compiled for the host CPU, cached).
 
@@ -23,6 +22,7 @@
 #include <string>
 #include <thread>
 
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -33,15 +33,9 @@ constexpr int64_t kMaxRows = 64;
 constexpr int64_t kMaxChunks = 8;
 constexpr int64_t kMinChunkRows = 64;
 
-typedef float v8f __attribute__((vector_size(32)));  // GCC/Clang vector extension (8 floats)
-
-inline v8f Load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void Store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+using dalle_flax_kernels::Load8;
+using dalle_flax_kernels::Store8;
+using dalle_flax_kernels::v8f;
 
 // acc[m, :] += sum over j < G of x[m, k + j] * w[k + j, :] for M rows (x row stride K, acc
 // row stride N): G weight rows are loaded once per 8 columns and used for all M rows.
@@ -101,8 +95,7 @@ void ChunkProduct(const float* x, const float* w, float* acc, int64_t rows, int6
   }
 }
 
-// Work shared by the caller and the pool tasks; owned jointly so a task that starts after the
-// call returned (it finds no chunk left) never touches freed memory.
+// Work shared by the caller and the pool tasks (see RunOnPool).
 struct Job {
   const float* x;
   const float* w;
@@ -159,11 +152,7 @@ ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 
   // the calling thread works too: num_threads - 1 helpers keep one thread per core
   const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, job->chunks - 1);
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([job] { job->RunAvailable(); });
-  }
-  job->RunAvailable();
-  while (job->done.load(std::memory_order_acquire) < job->chunks) std::this_thread::yield();
+  dalle_flax_kernels::RunOnPool(pool, job, helpers, job->chunks);
 
   const float* partials = job->partials.get();
   const int64_t size = rows * N;
