@@ -49,7 +49,8 @@ class BlockSpec:
     dot_general: the Dense layers' product (inference swaps in
       :func:`dalle_flax.kernels.small_batch_dot_general` on CPU; same parameters).
     one_query_attention: ``(q (b, h, hd), k, v (b, h, m, hd), mask (b, m), scale) -> (b, h, hd)``
-      used for plain softmax attention of a single query (a decode step); None: the einsum path.
+      or None where it does not apply, tried for plain softmax attention of a single query (a
+      decode step); None (or a None result): the einsum path.
       Inference swaps in :func:`dalle_flax.kernels.one_query_attention` on CPU.
   """
 
@@ -241,11 +242,13 @@ class Attention(nn.Module):
     spec = self.spec
     scale = 1.0 / spec.tau if spec.use_cosine_attention else 1.0 / math.sqrt(spec.head_dim)
     one_query = self._one_query_mask(q, segments)
-    if one_query is not None:
+    out = None
+    if one_query is not None:  # None back from the hook too: it does not apply (e.g. bfloat16)
       out = spec.one_query_attention(q[:, :, 0], segments[0].key, segments[0].value, one_query, scale)
-      out = out[:, None].astype(spec.dtype)  # (b, 1, h, hd)
-    else:
+    if out is None:
       out = self._attend_einsum(q, segments, q_positions, scale)
+    else:
+      out = out[:, None].astype(spec.dtype)  # (b, 1, h, hd)
     if spec.use_head_scale:
       out = out * self.head_scale  # NormFormer per-head scale
     out = out.reshape(out.shape[:2] + (spec.d_model,))  # (b, n, d)

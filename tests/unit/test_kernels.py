@@ -242,12 +242,27 @@ def test_one_query_attention_dispatch(fresh_kernel_state, monkeypatch):
 
   if kernels.kernels_available():
     assert uses(q, k, v, mask)
+    np.testing.assert_allclose(kernels.one_query_attention(q, k, v, mask, 0.5), want, rtol=1e-5, atol=1e-6)
   bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
-  assert not uses(*bf16, mask)  # float32 only: bfloat16 stays on XLA
+  assert kernels.one_query_attention(*bf16, mask, 0.5) is None  # float32 only: the caller's einsum path
   monkeypatch.setenv(kernels.ENV_SWITCH, "0")
   kernels._state.clear()
-  assert not uses(q, k, v, mask)  # switched off: XLA, same numbers
-  np.testing.assert_allclose(kernels.one_query_attention(q, k, v, mask, 0.5), want, rtol=1e-5, atol=1e-6)
+  assert kernels.one_query_attention(q, k, v, mask, 0.5) is None  # switched off: the caller's einsum path
+
+
+@needs_kernel
+def test_native_decode_step_in_bfloat16_is_the_xla_step():
+  config = _tiny_model().config
+  model = FlaxDalleMiniForConditionalGeneration(config, dtype=jnp.bfloat16, _do_init=False)
+  model.params = _tiny_model().params
+  ids = np.array([[0, 5, 6, 7, 2, 1]], np.int32)
+  mask = (ids != 1).astype(np.int32)
+  cache = model.init_cache(model.params, model.encode(ids, mask), mask)
+  token, position = jnp.array([20], jnp.int32), jnp.int32(0)
+  lowered = jax.jit(model.native_decode_step).lower(model.params, token, position, cache).as_text()
+  assert kernels.ATTENTION_TARGET not in lowered and kernels.MATMUL_TARGET not in lowered
+  np.testing.assert_array_equal(model.native_decode_step(model.params, token, position, cache)[0],
+                                model.decode_step(model.params, token, position, cache)[0])
 
 
 @needs_kernel

@@ -21,8 +21,8 @@ Building: the first call compiles the sources with the system C++ compiler (``$C
 ``$DALLE_FLAX_KERNEL_CACHE`` (default ``~/.cache/dalle_flax/kernels``), keyed by a hash of the
 sources, jaxlib version, compiler, flags and CPU, written to a temp file and renamed. Later
 processes load the cached library. If anything fails (no compiler, no headers), a warning says
-why once and :func:`small_batch_dot_general` / :func:`one_query_attention` use XLA: results are
-the same up to float rounding, only slower. ``DALLE_FLAX_NATIVE_KERNELS=0`` turns the kernels off.
+why once and :func:`small_batch_dot_general` / :func:`one_query_attention` leave the work to
+XLA: results are the same up to float rounding, only slower. ``DALLE_FLAX_NATIVE_KERNELS=0`` turns the kernels off.
 """
 
 from __future__ import annotations
@@ -231,11 +231,11 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
       q, k, v, mask.astype(jnp.int32), scale=np.float32(scale))
 
 
-def one_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-  """:func:`decode_attention` when the kernel applies (float32, kernel built), else the same
-  math in XLA (``einsum``, masked ``softmax``, ``einsum``). Shapes as :func:`decode_attention`."""
+def one_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                        scale: float) -> jax.Array | None:
+  """:func:`decode_attention` when the kernel applies (float32, kernels built), else None: the
+  caller then runs its own attention (``Attention.attend``'s einsum path). Shapes as
+  :func:`decode_attention`."""
   if all(a.dtype == jnp.float32 for a in (q, k, v)) and kernels_available():
     return decode_attention(q, k, v, mask, scale)
-  logits = jnp.einsum("bhd,bhsd->bhs", q, k).astype(jnp.float32) * scale
-  weights = jax.nn.softmax(jnp.where(mask.astype(bool)[:, None, :], logits, -jnp.inf), axis=-1)
-  return jnp.einsum("bhs,bhsd->bhd", weights.astype(v.dtype), v)
+  return None
