@@ -358,7 +358,11 @@ def _random_params(abstract: Any, key: jax.Array) -> dict[str, Any]:
 
 
 def _check_pixels(pixels: Any, config: VQGANConfig) -> jax.Array:
-  """Validates an image batch on the host side and returns it as a float32 jax array."""
+  """Validates an image batch and returns it as a float32 jax array.
+
+  Shape and dtype are always checked; the value range only for concrete pixels (a tracer,
+  under ``jax.jit`` or ``jax.pmap``, has no values to check).
+  """
   if not hasattr(pixels, "dtype"):
     pixels = np.asarray(pixels)
   if pixels.ndim != 4:
@@ -383,6 +387,8 @@ def _check_pixels(pixels: Any, config: VQGANConfig) -> jax.Array:
         f"pixels must be floats in [0, 1], got dtype {pixels.dtype}; for uint8 images use "
         "image_utils.from_pil(...) or pixels.astype('float32') / 255"
     )
+  if isinstance(pixels, jax.core.Tracer):  # inside jax.jit / pmap: values unknown, checked eagerly only
+    return pixels.astype(jnp.float32)
   xp = jnp if isinstance(pixels, jax.Array) else np
   low, high = float(xp.min(pixels)), float(xp.max(pixels))
   if not (math.isfinite(low) and math.isfinite(high)):
@@ -397,9 +403,15 @@ def _check_pixels(pixels: Any, config: VQGANConfig) -> jax.Array:
   return jnp.asarray(pixels, jnp.float32)
 
 
-def _check_codes(codes: Any, n_embed: int) -> np.ndarray:
-  """Validates (batch, num_codes) image codes on the host; returns them as int32 numpy."""
-  codes = np.asarray(codes)
+def _check_codes(codes: Any, n_embed: int) -> np.ndarray | jax.Array:
+  """Validates (batch, num_codes) image codes; returns them as int32 (numpy when concrete).
+
+  Shape and dtype are always checked. The range is checked only for concrete codes: under
+  ``jax.jit`` or ``jax.pmap`` the codes are tracers with no values on the host, so a traced
+  code >= n_embed decodes to NaN pixels and a negative one wraps around (``jnp.take``).
+  """
+  if not hasattr(codes, "dtype"):
+    codes = np.asarray(codes)
   if codes.ndim != 2:
     hint = "; add a batch axis with codes[None]" if codes.ndim == 1 else ""
     raise ValueError(f"codes must have shape (batch, num_codes), got shape {codes.shape}{hint}")
@@ -408,6 +420,9 @@ def _check_codes(codes: Any, n_embed: int) -> np.ndarray:
         f"codes must be integer VQGAN code indices, got dtype {codes.dtype}; cast with "
         "codes.astype('int32') if the values are whole numbers"
     )
+  if isinstance(codes, jax.core.Tracer):
+    return codes.astype(jnp.int32)
+  codes = np.asarray(codes)
   bad = (codes < 0) | (codes >= n_embed)
   if bad.any():
     b, p = (int(i) for i in np.argwhere(bad)[0])
@@ -440,7 +455,10 @@ class FlaxVQGANModel(FlaxPreTrainedModel):
 
   Every method accepts ``params=`` to run with parameters other than ``self.params``. The
   computations are jitted once per input shape; ``dtype`` sets the compute dtype (the codebook
-  distances and attention softmax stay in float32) and outputs are float32.
+  distances and attention softmax stay in float32) and outputs are float32. The methods also
+  run inside ``jax.jit`` / ``jax.pmap`` (e.g. ``jax.pmap(lambda c, p: vqgan.decode_code(c,
+  params=p))`` with replicated params); the value checks (code range, pixel range) then only
+  run on concrete inputs, so check traced inputs before tracing.
 
   Example::
 

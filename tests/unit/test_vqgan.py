@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
+from flax.jax_utils import replicate
 from huggingface_hub.errors import StrictDataclassError
 from PIL import Image
 from transformers import AutoConfig
@@ -246,6 +247,39 @@ def test_jit_equals_no_jit(tiny):
   with jax.disable_jit():
     eager = np.asarray(tiny.decode_code(codes))
   np.testing.assert_allclose(eager, jitted, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_code_and_encode_under_user_jit_equal_eager(tiny):
+  codes = _codes()
+  eager = np.asarray(tiny.decode_code(codes))
+  jitted = jax.jit(lambda c, p: tiny.decode_code(c, params=p))(jnp.asarray(codes), tiny.params)
+  np.testing.assert_allclose(np.asarray(jitted), eager, atol=1e-5, rtol=1e-5)
+  seamless = jax.jit(lambda c: tiny.decode_seamless(c, 1, 2))(jnp.asarray(codes))
+  np.testing.assert_allclose(np.asarray(seamless), np.asarray(tiny.decode_seamless(codes, 1, 2)), atol=1e-5)
+  pixels = _pixels()
+  _, jit_codes = jax.jit(tiny.encode)(jnp.asarray(pixels))
+  np.testing.assert_array_equal(np.asarray(jit_codes), np.asarray(tiny.encode(pixels)[1]))
+  # traced inputs still get the shape and dtype checks
+  with pytest.raises(ValueError, match=r"add a batch axis with codes\[None\]"):
+    jax.jit(tiny.decode_code)(jnp.zeros((16,), jnp.int32))
+
+
+def test_decode_code_under_pmap_like_the_original_notebook(tiny):
+  # dalle-mini's inference notebook: p_decode = jax.pmap(lambda indices, params:
+  # vqgan.decode_code(indices, params=params)), called with replicated params.
+  devices = jax.local_device_count()
+  codes = _codes(batch=2 * devices).reshape(devices, 2, 16)
+  p_decode = jax.pmap(lambda indices, params: tiny.decode_code(indices, params=params))
+  params = replicate(tiny.params)  # flax.jax_utils, as in the notebook
+  images = np.asarray(p_decode(jnp.asarray(codes), params))
+  assert images.shape == (devices, 2, 8, 8, 3)
+  eager = np.asarray(tiny.decode_code(codes.reshape(-1, 16))).reshape(images.shape)
+  np.testing.assert_allclose(images, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_decode_code_still_rejects_out_of_range_jax_codes(tiny):
+  with pytest.raises(ValueError, match=r"code 16 at index \(0, 3\) is outside the codebook"):
+    tiny.decode_code(jnp.asarray([[0, 1, 2, 16] + [0] * 12], jnp.int32))
 
 
 def test_compiled_once_per_shape_and_shared_by_equal_models(tiny):
