@@ -90,13 +90,18 @@ class BlockSpec:
 
 
 def smelu(x: Array, beta: float = 1.0) -> Array:
-  """SmeLU (arXiv:2202.06499): 0 below -beta, (x+beta)^2/(4 beta) in between, x above beta.
+  """SmeLU as dalle-mini computes it: beta/4 for x <= -beta, (x+beta)^2/(4 beta) between, x from beta.
 
-  The original module returned beta/4 instead of 0 below -beta (it zeroed x before the
-  quadratic branch); we implement the published function. No released checkpoint uses it.
+  This is the original module's function, not the paper's (arXiv:2202.06499), which is 0 for
+  x <= -beta: the original zeroed x before the quadratic branch, so that branch gives
+  beta^2/(4 beta) = beta/4 there (so the value drops from beta/4 to near 0 just above -beta).
+  Models trained with the original were trained against this function, so we keep it. The
+  gradient is the derivative of this function (0 below -beta); the original's custom JVP
+  passed the tangent through unchanged (slope 1) everywhere except at exactly +-beta.
+  No released checkpoint uses smelu.
   """
-  quadratic = jnp.square(x + beta) / (4 * beta)
-  return jnp.where(x <= -beta, jnp.zeros_like(x), jnp.where(x >= beta, x, quadratic))
+  x = jnp.where(x <= -beta, jnp.zeros_like(x), x)  # as the original: zero x, then the branches
+  return jnp.where(x >= beta, x, jnp.square(x + beta) / (4 * beta))
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
