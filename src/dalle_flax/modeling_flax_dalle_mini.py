@@ -38,7 +38,7 @@ from . import kernels
 from .configuration_dalle_mini import DalleBartConfig
 from .convert.bart2021 import convert_bart2021_config, convert_bart2021_params, is_bart2021_config, is_bart2021_params
 from .convert.scan import is_scanned, scan_params, unscan_params
-from .generation.utils import GenerationMixin
+from .generation.utils import Decoding, GenerationMixin, as_ids, on_one_cpu_device
 from .layers_dalle_mini import BlockSpec, DecoderStack, EncoderStack, StackSpec, make_norm
 from .modeling_flax_utils import FlaxPreTrainedModel, flatten_params, unflatten_params
 
@@ -416,11 +416,19 @@ def _unrolled_module(module: DalleBartModule) -> DalleBartModule:
   return DalleBartModule(dataclasses.replace(module.spec, unrolled_decoder=True), deterministic=module.deterministic)
 
 
-def _ids(name: str, value: Any) -> Array:
-  array = jnp.asarray(value)
-  if array.ndim != 2 or not jnp.issubdtype(array.dtype, jnp.integer):
-    raise ValueError(f"{name} must be a (batch, length) integer array, got shape {array.shape} and dtype {array.dtype}")
-  return array.astype(jnp.int32)
+@dataclasses.dataclass(frozen=True)
+class ModuleMethod:
+  """``module.apply({"params": params}, *args, method=method)``, jitted, as a plain function.
+
+  Hashable and free of parameters, so the generation loop takes it as a static argument without
+  its jit cache keeping a model (and its parameters) alive.
+  """
+
+  module: DalleBartModule
+  method: str
+
+  def __call__(self, params: Any, *args: Any) -> Any:
+    return _jitted_apply(self.module, self.method)(params, None, *args)
 
 
 class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel):
@@ -491,18 +499,15 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
     return flat
 
   def _apply(self, params: Any, *args: Any, method: str, train: bool = False, dropout_rng: Array | None = None,
-             native: bool = False, unrolled: bool = False) -> Any:
+             native: bool = False) -> Any:
     """``module.apply`` of one entry point, jitted (shared by every model with the same module).
 
-    ``native=True`` runs the module with the native CPU kernels in its decoder (see ``_native_module``);
-    ``unrolled=True`` with its decoder layers unrolled (parameters from ``_decoding_params``).
+    ``native=True`` runs the module with the native CPU kernels in its decoder (see ``_native_module``).
     """
     if train and dropout_rng is None and self.config.dropout > 0:
       raise ValueError("train=True applies dropout and needs dropout_rng=jax.random.key(...)")
     rngs = {"dropout": dropout_rng} if (train and dropout_rng is not None) else None
     module = self.module.clone(deterministic=not train)
-    if unrolled:
-      module = _unrolled_module(module)
     if native:
       module = _native_module(module)
     return _jitted_apply(module, method)(self._require_params(params), rngs, *args)
@@ -514,7 +519,7 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
     A scanned (stacked) decoder makes XLA slice every layer's weights out of the stack at each
     decode step, which copies them (about 3x slower on CPU). For a scanned model this splits the
     decoder stack per layer once per ``generate`` call (the encoder stays as it is); the loop then
-    runs :meth:`_unrolled_init_cache` / :meth:`_unrolled_decode_step`. Same numbers. Unscanned
+    runs the module with its decoder unrolled (see :meth:`decoding`). Same numbers. Unscanned
     models, and postln decoders whose last end-of-layer norm scale is not all ones (the unrolled
     layout has no scale there), keep their parameters.
     """
@@ -535,19 +540,23 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
     rest = {k: v for k, v in flat.items() if not k.startswith(stack)}
     return unflatten_params({**rest, **layers}), True
 
-  def _unrolled_init_cache(self, params: Any, encoder_out: Array, text_mask: Array) -> DecoderCache:
-    """:meth:`init_cache` for ``_decoding_params``' unrolled parameters."""
-    return self._apply(params, encoder_out, text_mask, method="init_cache", unrolled=True)
-
-  def _unrolled_decode_step(self, params: Any, token: Array, position: Array,
-                            cache: DecoderCache) -> tuple[Array, DecoderCache]:
-    """:meth:`decode_step` for ``_decoding_params``' unrolled parameters."""
-    return self._apply(params, token, position, cache, method="decode_step", unrolled=True)
-
-  def _unrolled_native_decode_step(self, params: Any, token: Array, position: Array,
-                                   cache: DecoderCache) -> tuple[Array, DecoderCache]:
-    """:meth:`native_decode_step` for ``_decoding_params``' unrolled parameters."""
-    return self._apply(params, token, position, cache, method="decode_step", native=True, unrolled=True)
+  def decoding(self, params: Any = None) -> Decoding:
+    """What ``generate`` decodes with: the decoder split per layer for a scanned model (see
+    :meth:`_decoding_params`), and the native CPU kernels in the decode step when every parameter
+    sits on one CPU device and they build (see :mod:`dalle_flax.kernels`)."""
+    params = self._require_params(params)
+    loop_params, unrolled = self._decoding_params(params)
+    if self.module.spec.use_scan and not unrolled and not getattr(self, "_warned_scan", False):
+      self._warned_scan = True
+      logger.warning("Generating with scanned (stacked) decoder layers, which slices every layer's weights "
+                     "out of the stack at each step (about 3x slower on CPU); load with from_pretrained(..., "
+                     "use_scan=False) for inference: see the README's performance section.")
+    module = self.module.clone(deterministic=True)
+    module = _unrolled_module(module) if unrolled else module
+    native = on_one_cpu_device(params) and kernels.kernels_available()
+    step_module = _native_module(module) if native else module
+    return Decoding(loop_params, ModuleMethod(module, "init_cache"), ModuleMethod(step_module, "decode_step"),
+                    native=native)
 
   def native_decode_step(self, params: Any, token: Array, position: Array,
                          cache: DecoderCache) -> tuple[Array, DecoderCache]:
@@ -589,11 +598,11 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
       ``DalleBartOutput`` with ``logits`` (b, n, image_vocab_size + 1) and
       ``encoder_last_hidden_state`` (b, t, d).
     """
-    input_ids = _ids("input_ids", input_ids)
-    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else _ids("attention_mask", attention_mask)
+    input_ids = as_ids("input_ids", input_ids)
+    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else as_ids("attention_mask", attention_mask)
     if decoder_input_ids is None:
       decoder_input_ids = jnp.full((input_ids.shape[0], 1), self.config.decoder_start_token_id, jnp.int32)
-    decoder_input_ids = _ids("decoder_input_ids", decoder_input_ids)
+    decoder_input_ids = as_ids("decoder_input_ids", decoder_input_ids)
     self._check_lengths(input_ids, decoder_input_ids)
     return self._apply(params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
                        method="__call__", train=train, dropout_rng=dropout_rng)
@@ -601,8 +610,8 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
   def encode(self, input_ids: Any, attention_mask: Any = None, params: Any = None, *, train: bool = False,
              dropout_rng: Array | None = None) -> Array:
     """(b, t) text ids and mask -> (b, t, d_model) encoder output."""
-    input_ids = _ids("input_ids", input_ids)
-    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else _ids("attention_mask", attention_mask)
+    input_ids = as_ids("input_ids", input_ids)
+    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else as_ids("attention_mask", attention_mask)
     self._check_lengths(input_ids, None)
     return self._apply(params, input_ids, attention_mask, method="encode", train=train, dropout_rng=dropout_rng)
 
@@ -623,7 +632,7 @@ class FlaxDalleMiniForConditionalGeneration(GenerationMixin, FlaxPreTrainedModel
     Returns:
       logits (b, n, image_vocab_size + 1) and the new cache (None without ``cache``).
     """
-    decoder_input_ids = _ids("decoder_input_ids", decoder_input_ids)
+    decoder_input_ids = as_ids("decoder_input_ids", decoder_input_ids)
     if cache is not None:
       if decoder_attention_mask is not None:
         raise ValueError("decoder_attention_mask is only supported without cache (teacher forcing)")

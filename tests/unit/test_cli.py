@@ -1,5 +1,6 @@
 """The ``dalle-flax`` command line: generate, convert, and its error handling."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -146,3 +147,19 @@ def test_console_entry_point_subprocess(tmp_path):
   assert result.returncode == 1
   errors = [line for line in result.stderr.splitlines() if line.startswith("dalle-flax:")]
   assert len(errors) == 1 and "nope" in errors[0] and "Traceback" not in result.stderr
+
+
+def test_generate_takes_guidance_from_the_generation_config(tmp_path, capsys):
+  folder = tmp_path / "guided"
+  shutil.copytree(TINY, folder)
+  config_path = folder / "generation_config.json"
+  settings = {**json.loads(config_path.read_text()), "guidance_scale": 3.0}
+  config_path.write_text(json.dumps(settings))
+  code, (path,), err = run(["generate", "a red apple", "--model", folder, "--seed", "4", "--out", tmp_path / "out",
+                            "--no-progress"], capsys)
+  assert code == 0, err
+  pipe = dalle_flax.pipeline("text-to-image", model=TINY)
+  pipe.set_progress_bar_config(disable=True)
+  written = np.asarray(Image.open(path))
+  np.testing.assert_array_equal(written, np.asarray(pipe("a red apple", seed=4, guidance_scale=3.0)[0]))
+  assert (written != np.asarray(pipe("a red apple", seed=4)[0])).any()  # unguided differs

@@ -1,5 +1,5 @@
 """generate() mechanics with a fake model (flax lm1b style): keys, guidance, settings, retracing;
-text-padding trimming also on a tiny random DalleBart."""
+the text length and batch independence also on a tiny random DalleBart."""
 
 import logging
 from types import SimpleNamespace
@@ -15,6 +15,7 @@ from dalle_flax.convert.scan import unscan_params
 from dalle_flax.generation import GenerationMixin, apply_guidance, sample_token, top_p_mask
 from dalle_flax.generation import utils as generation_utils
 from dalle_flax.generation.sampling import SamplingKnobs
+from dalle_flax.generation.seeds import image_seeds
 from dalle_flax.modeling_flax_utils import flatten_params, unflatten_params
 
 VOCAB = 10  # ids 0..7 are "codes", 8 is the start token, 9 is eos/pad
@@ -224,7 +225,7 @@ def test_legacy_beam_settings_are_dropped():
   assert generation_config.max_length == LENGTH + 1 and generation_config.min_length is None
 
 
-# ----------------------------------------------------------------- trimming trailing text padding
+# ------------------------------------------------------- one text length: images do not depend on the batch
 def padded_prompts(lengths, text_length):
   """(b, text_length) ids ``<s> 3 4 5 ... </s> <pad>...`` with ``lengths`` real tokens, and their mask."""
   ids = np.full((len(lengths), text_length), 1, np.int32)
@@ -234,38 +235,26 @@ def padded_prompts(lengths, text_length):
   return ids, (ids != 1).astype(np.int32)
 
 
-def untrimmed(monkeypatch):
-  """The reference: generate() encoding every column, as before trimming existed."""
-  monkeypatch.setattr(generation_utils, "_trimmed_text_length", lambda masks, text_length: text_length)
-
-
-def spy_text_lengths(model):
-  """Records the text length each encode / init_cache sees: once per compiled shape under jit."""
-  seen = {"encode": [], "init_cache": []}
+def spy_encoder_inputs(model):
+  """Records every (ids, mask) the encoder gets, as numpy arrays (runs eagerly: nothing is traced)."""
+  seen = []
   encode = model.encode
 
-  def spy_encode(input_ids, attention_mask, params):
-    seen["encode"].append(input_ids.shape[1])
-    return encode(input_ids, attention_mask, params)
+  def spy_encode(input_ids, attention_mask, params=None):
+    seen.append((np.asarray(input_ids), np.asarray(attention_mask)))
+    return encode(input_ids, attention_mask, params=params)
 
-  def spy(init_cache):
-    def spy_init_cache(params, encoder_out, text_mask):
-      seen["init_cache"].append(text_mask.shape[1])
-      return init_cache(params, encoder_out, text_mask)
-    return spy_init_cache
-
-  model.encode, model.init_cache = spy_encode, spy(model.init_cache)
-  if hasattr(model, "_unrolled_init_cache"):  # a scanned model's decoding view (see _decoding_params)
-    model._unrolled_init_cache = spy(model._unrolled_init_cache)
+  model.encode = spy_encode
   return seen
 
 
 def tiny_dallebart(**overrides):
   """A tiny DalleBart with numpy-noise parameters (nothing to compile for init)."""
-  config = DalleBartConfig(
+  settings = dict(
       d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
       encoder_ffn_dim=48, decoder_ffn_dim=48, encoder_vocab_size=50, image_vocab_size=20, image_length=8,
-      max_text_length=40, dropout=0.0, gradient_checkpointing=False, **overrides)
+      max_text_length=40, dropout=0.0, gradient_checkpointing=False)
+  config = DalleBartConfig(**{**settings, **overrides})
   model = FlaxDalleMiniForConditionalGeneration(config, _do_init=False)
   rng = np.random.default_rng(0)
   model.params = jax.tree.map(lambda leaf: jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype),
@@ -273,66 +262,47 @@ def tiny_dallebart(**overrides):
   return model
 
 
-def test_trimmed_text_length_buckets():
-  trim = generation_utils._trimmed_text_length
-  assert [trim([padded_prompts([n], 64)[1]], 64) for n in (3, 9, 16, 17, 33, 49, 64)] == [16, 16, 16, 32, 48, 64, 64]
-  assert trim([padded_prompts([3, 20], 64)[1]], 64) == 32  # the longest row decides
-  assert trim([padded_prompts([3], 64)[1], padded_prompts([40], 64)[1]], 64) == 48  # so does the longest mask
-  assert trim([np.zeros((2, 64), np.int32)], 64) == 16  # nothing real: the bucket minimum
-  assert trim([padded_prompts([3], 10)[1]], 10) == 10  # never above t ...
-  assert trim([padded_prompts([50], 56)[1]], 56) == 56  # ... even when the bucket is
-  mask = np.zeros((1, 64), np.int32)
-  mask[0, 30] = 1  # a real token after padding is kept
-  assert trim([mask], 64) == 32
+def test_every_prompt_is_encoded_at_max_text_length(model):
+  seen = spy_encoder_inputs(model)
+  short_ids, short_mask = IDS[:, :3].copy(), MASK[:, :3].copy()
+  short = model.generate(short_ids, short_mask, seed=1, guidance_scale=3.0,
+                         negative_prompt_ids=np.array([[0, 2]], np.int32)).sequences
+  assert [ids.shape for ids, _ in seen] == [(3, 4), (1, 4)]  # prompts, then the shared negative prompt
+  np.testing.assert_array_equal(seen[0][0][:, 3], [1, 1, 1])  # padded with <pad> ...
+  np.testing.assert_array_equal(seen[0][1][:, 3], [0, 0, 0])  # ... masked out
+  padded = np.pad(short_ids, ((0, 0), (0, 1)), constant_values=1)
+  np.testing.assert_array_equal(short, model.generate(padded, (padded != 1).astype(np.int32), seed=1,
+                                                      guidance_scale=3.0).sequences)
 
 
-@pytest.mark.parametrize("kwargs", [{"do_sample": False}, {"seed": 3}, {"seed": 3, "guidance_scale": 3.0}],
-                         ids=["greedy", "sampled", "guided"])
-def test_trimming_padding_keeps_dallebart_tokens(monkeypatch, kwargs):
-  model = tiny_dallebart()
-  ids, mask = padded_prompts([5, 3, 9], 40)
-  mask[2] = 0  # a prompt without real tokens keeps its (degenerate) output too
-  seen = spy_text_lengths(model)
-  trimmed = np.asarray(model.generate(ids, mask, **kwargs).sequences)
-  assert set(seen["encode"]) == {16} and seen["init_cache"] == [16]
-  untrimmed(monkeypatch)
-  full = np.asarray(model.generate(ids, mask, **kwargs).sequences)
-  assert seen["init_cache"] == [16, 40]
-  np.testing.assert_array_equal(trimmed, full)
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_image_regenerated_alone_is_identical_at_realistic_lengths(guidance_scale):
+  """``seed=out.seeds[i]`` gives image i again bit for bit, whatever the other prompts' lengths."""
+  model = tiny_dallebart(max_text_length=64)
+  ids, mask = padded_prompts([5, 23, 61], 64)  # short, medium and nearly full prompts in one batch
+  seen = spy_encoder_inputs(model)
+  kwargs = dict(guidance_scale=guidance_scale, temperature=2.0, top_k=0)
+  batch = model.generate(ids, mask, seed=7, num_return_sequences=2, **kwargs)
+  tokens = np.asarray(batch.sequences)
+  assert len(batch.seeds) == 6 and len(set(batch.seeds)) == 6
+  batch_rows = seen[0][0]
+  for i, image_seed in enumerate(batch.seeds):
+    prompt = i // 2
+    alone = model.generate(ids[prompt:prompt + 1, :mask[prompt].sum() + 3], mask[prompt:prompt + 1, :mask[prompt].sum() + 3],
+                           seed=image_seed, **kwargs)
+    np.testing.assert_array_equal(seen[-1 - (guidance_scale != 1.0)][0][0], batch_rows[i])  # same encoder input
+    np.testing.assert_array_equal(np.asarray(alone.sequences)[0], tokens[i])
+    assert alone.seeds == [image_seed]
 
 
-def test_encoder_sees_trimmed_length_in_few_shapes(model):
-  model.config.max_text_length = 64
-  seen = spy_text_lengths(model)
-  for n in (3, 9):  # one compiled shape for both
-    model.generate(*padded_prompts([n], 64), seed=0)
-  assert seen == {"encode": [16], "init_cache": [16]}
-  model.generate(*padded_prompts([20], 64), seed=0)
-  model.generate(*padded_prompts([64], 64), seed=0)
-  assert seen == {"encode": [16, 32, 64], "init_cache": [16, 32, 64]}
-  model.generate(*padded_prompts([9], 64), seed=0, trace=False)  # the eager path trims too
-  assert seen["encode"][-1] == 16
-
-
-def test_guidance_trims_to_the_longer_negative_prompt(model, monkeypatch):
-  model.config.max_text_length = 64
-  ids, mask = padded_prompts([3], 64)
-  neg_ids, neg_mask = padded_prompts([20], 64)
-  kwargs = dict(seed=2, guidance_scale=3.0, temperature=2.0, negative_prompt_ids=neg_ids,
-                negative_prompt_attention_mask=neg_mask)
-  seen = spy_text_lengths(model)
-  trimmed = np.asarray(model.generate(ids, mask, **kwargs).sequences)
-  assert seen == {"encode": [32], "init_cache": [32]}  # prompt and negative prompt: one compiled shape
-  untrimmed(monkeypatch)
-  np.testing.assert_array_equal(trimmed, model.generate(ids, mask, **kwargs).sequences)
-
-
-def test_no_trimming_for_sinkformer(model):
-  model.config.max_text_length = 64
-  model.config.sinkhorn_iters = 3  # normalises over padded queries too: padding changes real tokens
-  seen = spy_text_lengths(model)
-  model.generate(*padded_prompts([3], 64), seed=0, guidance_scale=3.0)
-  assert seen == {"encode": [64], "init_cache": [64]}
+def test_no_trimming_for_sinkformer_either():
+  # Sinkformer attention normalises over padded queries too: its encoding depends on the padding,
+  # which is why every prompt gets the same length
+  model = tiny_dallebart(max_text_length=16, sinkhorn_iters=3)
+  seen = spy_encoder_inputs(model)
+  ids, mask = padded_prompts([3], 8)
+  model.generate(ids, mask, seed=0)
+  assert seen[0][0].shape == (1, 16)
 
 
 def test_scanned_model_decodes_through_unrolled_layers(caplog):
@@ -343,17 +313,14 @@ def test_scanned_model_decodes_through_unrolled_layers(caplog):
   params, was_unrolled = scanned._decoding_params(scanned.params)
   assert was_unrolled and "FlaxBartDecoderLayer_1" in str(jax.tree_util.tree_structure(params))
   assert "FlaxBartEncoderLayers" in str(jax.tree_util.tree_structure(params))  # the encoder stays stacked
-  steps = []
-  for name in ("_unrolled_decode_step", "_unrolled_native_decode_step"):
-    step = getattr(scanned, name)
-    setattr(scanned, name, lambda *args, _step=step: steps.append(1) or _step(*args))
+  decoding = scanned.decoding()
+  assert decoding.decode_step.module.spec.unrolled_decoder and decoding.init_cache.module.spec.unrolled_decoder
   for kwargs in ({"do_sample": False}, {"seed": 4, "guidance_scale": 3.0, "temperature": 2.0}):
-    with caplog.at_level(logging.WARNING, logger="dalle_flax.generation.utils"):
+    with caplog.at_level(logging.WARNING, logger="dalle_flax.modeling_flax_dalle_mini"):
       got = np.asarray(scanned.generate(ids, mask, **kwargs).sequences)
     np.testing.assert_array_equal(got, unrolled.generate(ids, mask, **kwargs).sequences)
   eager = scanned.generate(ids, mask, do_sample=False, trace=False).sequences  # the Python loop too
   np.testing.assert_array_equal(eager, unrolled.generate(ids, mask, do_sample=False).sequences)
-  assert steps  # the loop ran the unrolled step ...
   assert not [r for r in caplog.records if "use_scan=False" in r.getMessage()]  # ... so no warning
 
 
@@ -365,9 +332,58 @@ def test_scanned_postln_with_a_last_scale_decodes_scanned_and_warns_once(caplog)
   flat[key] = flat[key].at[-1].set(2.0)  # the unrolled layout has no scale there: cannot unroll
   model.params = unflatten_params(flat)
   assert model._decoding_params(model.params)[1] is False
-  with caplog.at_level(logging.WARNING, logger="dalle_flax.generation.utils"):
+  with caplog.at_level(logging.WARNING, logger="dalle_flax.modeling_flax_dalle_mini"):
     model.generate(ids, mask, do_sample=False)
     out = model.generate(ids, mask, do_sample=False).sequences
   assert out.shape == (1, 1 + model.config.image_length)
   warnings = [r for r in caplog.records if "use_scan=False" in r.getMessage()]
   assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+
+
+def test_trace_false_runs_eagerly(model):
+  seen = []
+
+  def record(sequences, logits, cur_len):
+    seen.append(isinstance(logits, jax.core.Tracer))
+    float(logits[0, 0])  # a debugging print / breakpoint works on concrete values only
+    return logits
+
+  eager = model.generate(IDS, MASK, seed=3, logits_processor=[record], trace=False).sequences
+  assert len(seen) == LENGTH and not any(seen)
+  jitted = model.generate(IDS, MASK, seed=3, logits_processor=[lambda s, lg, c: seen.append(1) or lg]).sequences
+  np.testing.assert_array_equal(eager, jitted)
+
+
+def test_num_return_sequences_gives_distinct_images(model):
+  out = model.generate(IDS[:1], MASK[:1], seed=0, num_return_sequences=4, temperature=5.0, top_k=0)
+  rows = {tuple(row) for row in np.asarray(out.image_tokens)}
+  assert len(rows) == 4
+
+
+def test_generate_seed_means_the_same_as_per_image_seeds():
+  model = FakeModel()
+  kwargs = dict(temperature=3.0, top_k=0)
+  out = model.generate(IDS, MASK, seed=5, num_return_sequences=2, **kwargs)
+  assert out.seeds == image_seeds(5, 6)
+  explicit = model.generate(IDS, MASK, seed=image_seeds(5, 6), num_return_sequences=2, **kwargs)
+  np.testing.assert_array_equal(out.sequences, explicit.sequences)
+  first = model.generate(IDS[:1], MASK[:1], seed=5, **kwargs)  # image 0 of seed=s is seed s
+  np.testing.assert_array_equal(first.sequences[0], out.sequences[0])
+  np.testing.assert_array_equal(model.generate(IDS[:1], MASK[:1], seed=[5], **kwargs).sequences, first.sequences)
+  assert model.generate(IDS, MASK, prng_key=jax.random.key(0)).seeds is None
+
+
+@pytest.mark.parametrize("seed, match", [
+    ([-1, 0, 1], r"seed\[0\] must be an int in \[0, 2\*\*32\), got -1"),
+    ([0, 1, 2**32], r"seed\[2\] must be an int in \[0, 2\*\*32\), got 4294967296"),
+    (-1, r"seed must be an int in \[0, 2\*\*32\), got -1"),
+    (2**40, r"seed must be an int in \[0, 2\*\*32\)"),
+    ([0.5, 1, 2], r"seed\[0\] must be an int"),
+    ([True, 1, 2], r"seed\[0\] must be an int"),
+    ([1, 2], r"expected 3"),
+    ([[1], [2], [3]], "flat list of 3 ints"),
+    ("0", "seed must be an int or a list of ints"),
+])
+def test_bad_seeds_raise_clear_errors(seed, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    FakeModel().generate(IDS, MASK, seed=seed)

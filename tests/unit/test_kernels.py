@@ -148,7 +148,7 @@ def test_generate_uses_the_kernel_and_matches_xla(monkeypatch):
   model = _tiny_model()
   ids = np.array([[0, 5, 6, 7, 2, 1], [0, 9, 2, 1, 1, 1]], np.int32)
   mask = (ids != 1).astype(np.int32)
-  assert model._loop_decode_step(model.params) == model.native_decode_step
+  assert model.decoding().native
 
   encoder_out = model.encode(ids, mask)
   cache = model.init_cache(model.params, jnp.concatenate([encoder_out] * 2), jnp.concatenate([mask] * 2))
@@ -163,7 +163,7 @@ def test_generate_uses_the_kernel_and_matches_xla(monkeypatch):
   kwargs = {"do_sample": False, "guidance_scale": 3.0}
   with_kernel = np.asarray(model.generate(ids, mask, **kwargs).sequences)
   monkeypatch.setenv(kernels.ENV_SWITCH, "0")
-  assert model._loop_decode_step(model.params) == model.decode_step
+  assert not model.decoding().native
   without = np.asarray(model.generate(ids, mask, **kwargs).sequences)
   np.testing.assert_array_equal(with_kernel, without)
 

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 import dalle_flax
+from dalle_flax import cli
 from dalle_flax import DalleMiniConfig, TextToImagePipeline, TextToImagePipelineOutput, VQGANConfig
 from dalle_flax.pipelines import KNOWN_VQGANS, DalleMiniPipelineModel, grid_shape, image_seeds
 from dalle_flax.testing.torch_blocker import BLOCK_TORCH
@@ -89,6 +90,18 @@ def test_output_types_nest_like_the_prompt(pipe):
   assert out["images"] is out.images and out[1] is out.image_tokens
   np.testing.assert_array_equal(uint8([nested[0][0], nested[1][0]]),
                                 (out.images[:, 0] * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_pipeline_and_generate_give_the_same_images_for_a_seed(pipe, guidance_scale):
+  batch = pipe.processor(PROMPTS)
+  out = pipe.model.text_model.generate(**batch, seed=6, num_return_sequences=2, guidance_scale=guidance_scale)
+  tokens = pipe(PROMPTS, seed=6, num_images_per_prompt=2, guidance_scale=guidance_scale, output_type="tokens",
+                return_dict=True)
+  np.testing.assert_array_equal(tokens.image_tokens.reshape(4, -1), out.image_tokens)
+  assert [s for per_prompt in tokens.seeds for s in per_prompt] == out.seeds == image_seeds(6, 4)
+  first = pipe.model.text_model.generate(**pipe.processor(PROMPTS[:1]), seed=6, guidance_scale=guidance_scale)
+  np.testing.assert_array_equal(first.image_tokens[0], out.image_tokens[0])  # seed=s: image 0 is seed s
 
 
 def test_seed_derivation_is_stable():
@@ -211,7 +224,7 @@ def test_two_repo_layout_loads_like_the_converted_folder(pipe, legacy_copies):
   assert from_objects.processor.max_text_length == 16 and from_objects.processor.normalize_text
 
 
-def test_known_text_repos_get_their_pinned_vqgan(local_hub, legacy_copies, pipe):
+def test_known_text_repos_get_their_pinned_vqgan_and_notebook_settings(local_hub, legacy_copies, pipe, tmp_path):
   text, vqgan = legacy_copies
   repo, pinned = KNOWN_VQGANS["dalle-mini/dalle-mini"]
   assert (repo, pinned) == ("dalle-mini/vqgan_imagenet_f16_16384",
@@ -226,8 +239,17 @@ def test_known_text_repos_get_their_pinned_vqgan(local_hub, legacy_copies, pipe)
   local_hub.api.upload_file(repo_id=repo, path_or_fileobj=b"{", path_in_repo="config.json")
   hub_pipe = dalle_flax.pipeline("text-to-image", model="dalle-mini/dalle-mini")
   hub_pipe.set_progress_bar_config(disable=True)
-  np.testing.assert_array_equal(hub_pipe(PROMPTS, seed=2, output_type="tokens"),
-                                pipe(PROMPTS, seed=2, output_type="tokens"))
+  # the released repos ship no generation_config.json: they get the original notebook's
+  # guidance scale 10 and top-k 50, and `dalle-flax convert` writes them down
+  assert hub_pipe.model.generation_config.guidance_scale == 10.0
+  assert hub_pipe.model.generation_config.top_k == 50
+  assert pipe.model.generation_config.guidance_scale is None  # a local folder gets none
+  tokens = hub_pipe(PROMPTS, seed=2, output_type="tokens")
+  np.testing.assert_array_equal(tokens, pipe(PROMPTS, seed=2, output_type="tokens", guidance_scale=10.0))
+  assert (tokens != pipe(PROMPTS, seed=2, output_type="tokens")).any()
+  assert cli.main(["convert", "dalle-mini/dalle-mini", "--out", str(tmp_path / "converted")]) == 0
+  written = json.loads((tmp_path / "converted" / "generation_config.json").read_text())
+  assert written["guidance_scale"] == 10.0 and written["top_k"] == 50
   # no model: DEFAULT_MODEL, mini-1, in both factories
   assert dalle_flax.pipeline("text-to-image").model.name_or_path == "dalle-mini/dalle-mini"
   if importlib.util.find_spec("torch") is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +23,7 @@ from transformers import GenerationConfig
 
 __all__ = [
     "GENERATION_CONFIG_NAME",
+    "RELEASED_GENERATION_SETTINGS",
     "default_generation_config",
     "pop_generation_aliases",
     "resolve_generation_config",
@@ -45,17 +47,31 @@ _SUPPORTED = {
 }
 
 
+# Sampling settings of the original notebooks for the released text models, which ship no
+# generation_config.json (reference dalle-mini.md §6.2: the inference notebook since 2022-05-28
+# guides with scale 10 at the top-k 50 default; §3.3: the 2021 seed notebook sampled unguided,
+# and the seed was trained without blank captions). Keyed by lower-case repo id.
+RELEASED_GENERATION_SETTINGS: dict[str, dict[str, Any]] = {
+    "dalle-mini/dalle-mini": {"guidance_scale": 10.0, "top_k": 50},
+    "dalle-mini/dalle-mega": {"guidance_scale": 10.0, "top_k": 50},
+    "flax-community/dalle-mini": {"top_k": 50},
+}
+
 _LEGACY_KEYS = {"do_sample", "top_k", "top_p", "temperature", "max_length", "decoder_start_token_id",
                 "bos_token_id", "eos_token_id", "pad_token_id"}
 
 
-def default_generation_config(config: Any, legacy: Mapping[str, Any] | None = None) -> GenerationConfig:
-  """The generation config of a DalleBart model.
+def default_generation_config(config: Any, legacy: Mapping[str, Any] | None = None, *,
+                              name_or_path: str | None = None) -> GenerationConfig:
+  """The generation config of a DalleBart model that has no ``generation_config.json``.
 
   Args:
     config: a ``DalleBartConfig``.
     legacy: the raw ``config.json`` dict, whose generation keys (``do_sample``, ``max_length``,
       ...) are recovered; None uses the config's attributes only.
+    name_or_path: the Hub repo id the model came from; a released one
+      (:data:`RELEASED_GENERATION_SETTINGS`) gets its original notebook's settings (guidance
+      scale 10 for mini-1 and mega-1). A local folder gets none: write a generation_config.json.
 
   Returns:
     A GenerationConfig reproducing the released models (sampling, top_k 50, top_p 1,
@@ -81,7 +97,16 @@ def default_generation_config(config: Any, legacy: Mapping[str, Any] | None = No
   start = config.decoder_start_token_id
   if generation_config.suppress_tokens is None:
     generation_config.suppress_tokens = list(range(start, config.image_vocab_size + 1))
+  for key, value in released_settings(name_or_path).items():
+    setattr(generation_config, key, value)
   return generation_config
+
+
+def released_settings(name_or_path: str | None) -> dict[str, Any]:
+  """The original notebook's sampling settings for a released repo id, else ``{}``."""
+  if not name_or_path or os.path.exists(name_or_path):
+    return {}  # a local folder: we cannot know which repo it came from
+  return dict(RELEASED_GENERATION_SETTINGS.get(name_or_path.strip("/").lower(), {}))
 
 
 def pop_generation_aliases(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -4,11 +4,14 @@ Example: ``out = model.generate(input_ids, attention_mask, guidance_scale=10.0, 
 
 The model class mixes in :class:`GenerationMixin` and provides three pure functions:
 ``encode(input_ids, attention_mask, params=)``, ``init_cache(params, encoder_out, text_mask)``
-and ``decode_step(params, token, position, cache) -> (logits, cache)``.
+and ``decode_step(params, token, position, cache) -> (logits, cache)``; a model may override
+:meth:`GenerationMixin.decoding` to decode with other parameters or functions (a scanned model
+decodes through its layers split per layer, on CPU through native kernels).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -21,26 +24,24 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import GenerationConfig
 
-from .. import kernels
 from ..hub_utils import HubOptions, atomic_write_json, resolve_file
 from .configuration import (
     GENERATION_CONFIG_NAME,
+    _same,
     default_generation_config,
     pop_generation_aliases,
     resolve_generation_config,
 )
 from .loop import LoopSpec, SampleState, run_steps
 from .sampling import SamplingKnobs
+from .seeds import flatten_seeds, image_keys
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DalleMiniGenerateOutput", "GenerationMixin"]
+__all__ = ["DalleMiniGenerateOutput", "Decoding", "GenerationMixin", "as_ids", "on_one_cpu_device"]
 
 # Special ids of the BART byte-level BPE tokenizers every released DALL·E mini model uses.
 TEXT_BOS_ID, TEXT_PAD_ID, TEXT_EOS_ID = 0, 1, 2
-
-# generate() trims trailing text padding to a multiple of this many tokens before encoding.
-_TEXT_BUCKET = 16
 
 _STATIC = ("spec", "num_steps", "scan")
 # Donating the loop state lets XLA update the KV cache in place between chunks; the CPU backend
@@ -53,7 +54,7 @@ def _jitted_loop() -> Callable[..., SampleState]:
   return _run_steps_jit if jax.default_backend() == "cpu" else _run_steps_jit_donated
 
 
-def _on_one_cpu_device(params: Any) -> bool:
+def on_one_cpu_device(params: Any) -> bool:
   """True when every parameter is (or, for host arrays, will be) on one and the same CPU device."""
   devices = set()
   for leaf in jax.tree.leaves(params):
@@ -66,26 +67,10 @@ def _on_one_cpu_device(params: Any) -> bool:
   return len(devices) == 1 and next(iter(devices)).platform == "cpu"
 
 
-@dataclass
-class DalleMiniGenerateOutput:
-  """Output of ``generate``.
-
-  Attributes:
-    sequences: (n, 1 + image_length) int32; column 0 is the decoder start token, the rest are
-      VQGAN codes (n = batch * num_return_sequences, prompt-major).
-  """
-
-  sequences: jax.Array
-
-  @property
-  def image_tokens(self) -> jax.Array:
-    """(n, image_length) VQGAN codes: ``sequences[:, 1:]``."""
-    return self.sequences[:, 1:]
-
-
-def _as_ids(name: str, value: Any) -> jax.Array:
+def as_ids(name: str, value: Any, *, allow_1d: bool = False) -> jax.Array:
+  """``value`` as a (batch, length) int32 array, or a ValueError saying what was expected."""
   array = value if isinstance(value, jax.Array) else np.asarray(value)
-  if array.ndim == 1:
+  if allow_1d and array.ndim == 1:
     array = array[None]
   if array.ndim != 2 or not jnp.issubdtype(array.dtype, jnp.integer):
     raise ValueError(
@@ -95,70 +80,82 @@ def _as_ids(name: str, value: Any) -> jax.Array:
   return jnp.asarray(array, jnp.int32)
 
 
+@dataclass
+class DalleMiniGenerateOutput:
+  """Output of ``generate``.
+
+  Attributes:
+    sequences: (n, 1 + image_length) int32; column 0 is the decoder start token, the rest are
+      VQGAN codes (n = batch * num_return_sequences, prompt-major).
+    seeds: the seed of each of the n images (``seed=seeds[i]`` regenerates image i alone), or
+      None when the call got ``prng_key``.
+  """
+
+  sequences: jax.Array
+  seeds: list[int] | None = None
+
+  @property
+  def image_tokens(self) -> jax.Array:
+    """(n, image_length) VQGAN codes: ``sequences[:, 1:]``."""
+    return self.sequences[:, 1:]
+
+
+@dataclass(frozen=True)
+class Decoding:
+  """What the loop decodes with (see :meth:`GenerationMixin.decoding`).
+
+  Attributes:
+    params: the parameters ``init_cache`` and ``decode_step`` take.
+    init_cache: ``(params, encoder_out, text_mask) -> cache``.
+    decode_step: ``(params, token, position, cache) -> (logits, cache)``; a static argument of
+      the jitted loop, so it must be hashable and should not hold the model (a jit cache entry
+      keeps it alive).
+    native: whether ``decode_step`` runs the native CPU kernels.
+  """
+
+  params: Any
+  init_cache: Callable[..., Any]
+  decode_step: Callable[..., Any]
+  native: bool = False
+
+
+@dataclass(frozen=True)
+class _Text:
+  """Tokenized text of one call, one row per image (n rows), at the model's text length.
+
+  ``neg_ids`` / ``neg_mask`` are the unconditional rows (None without guidance);
+  ``shared_neg`` says every unconditional row is the same (then it is encoded once).
+  """
+
+  ids: jax.Array
+  mask: jax.Array
+  neg_ids: jax.Array | None
+  neg_mask: jax.Array | None
+  shared_neg: bool
+
+
 def _merge_alias(name: str, value: Any, kwargs: dict[str, Any]) -> Any:
   """``name`` given as an argument and through its DALL·E mini alias must agree."""
-  from .configuration import _same
-
   other = kwargs.pop(name, None)
   if value is not None and other is not None and not _same(value, other):
     raise ValueError(f"Got different values for {name!r} and its alias; pass only one.")
   return value if value is not None else other
 
 
-def _row_keys(n: int, prng_key: Any, seed: Any) -> jax.Array:
-  """(n,) typed keys: one per image, independent of the batch the image is generated in."""
-  if prng_key is not None and seed is not None:
-    raise ValueError("Pass either prng_key or seed, not both.")
-  if seed is not None:
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-      base = jax.random.key(int(seed))
-      return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.arange(n))
-    seeds = list(seed)
-    if len(seeds) != n or not all(isinstance(s, (int, np.integer)) for s in seeds):
-      raise ValueError(f"seed must be an int or a list of {n} ints (one per image), got {seed!r}.")
-    return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-  key = jax.random.key(0) if prng_key is None else prng_key
-  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
-  if key.ndim == 0:
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(n))
-  if key.shape != (n,):
-    raise ValueError(f"prng_key must be one key or {n} keys (one per image), got shape {key.shape}.")
-  return key
+def _pad_text(ids: jax.Array, mask: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
+  """Pads (rows, t) ids and mask with ``<pad>`` / 0 to ``length`` columns."""
+  extra = length - ids.shape[1]
+  if extra == 0:
+    return ids, mask
+  return (jnp.pad(ids, ((0, 0), (0, extra)), constant_values=TEXT_PAD_ID),
+          jnp.pad(mask, ((0, 0), (0, extra))))
 
 
-def _trimmed_text_length(masks: Sequence[Any], text_length: int) -> int:
-  """Text columns the encoder needs: up to the last real token of any row, in buckets of ``_TEXT_BUCKET``.
-
-  Trailing columns that are padding in every row of every mask are masked out of every attention
-  as keys, so dropping them leaves the real tokens' encoder output and the decoder's
-  cross-attention unchanged. Rounding up to a bucket bounds the compiled shapes (4 for 64 tokens).
-
-  Args:
-    masks: (rows, text_length) attention masks (nonzero = real token) that share one encoder
-      output, so they must share the length (the prompt's and the unconditional one's).
-    text_length: their current length t.
-
-  Returns:
-    A length in [min(_TEXT_BUCKET, t), t]; an all-padding batch gets the bucket minimum.
-  """
-  used = 0
-  for mask in masks:
-    columns = np.flatnonzero(np.asarray(mask).any(axis=0))  # columns with a real token in some row
-    if columns.size:
-      used = max(used, int(columns[-1]) + 1)
-  bucketed = max(_TEXT_BUCKET, -(-used // _TEXT_BUCKET) * _TEXT_BUCKET)
-  return min(bucketed, text_length)
-
-
-def _padding_is_inert(config: Any) -> bool:
-  """False when padded text positions change real tokens' encoder output (then no trimming).
-
-  Sinkformer attention (``sinkhorn_iters > 1``) also normalises over queries, padded ones
-  included. Everything else treats a position independently or masks padding out as a key
-  (the Swin bias indexes absolute positions, which trimming trailing columns keeps).
-  """
-  return getattr(config, "sinkhorn_iters", 1) <= 1
+def _image_seeds(seed: Any, b: int, n_ret: int) -> list[int]:
+  """``generate``'s ``seed=``: an int (expanded per image) or one int per output image."""
+  if isinstance(seed, (list, tuple, np.ndarray)) and any(isinstance(s, (list, tuple)) for s in seed):
+    raise ValueError(f"seed for generate() is an int or a flat list of {b * n_ret} ints (one per image).")
+  return flatten_seeds(seed, b, n_ret)
 
 
 class GenerationMixin:
@@ -187,18 +184,11 @@ class GenerationMixin:
       self._generation_config = GenerationConfig.from_dict(json.loads(Path(path).read_text()))
       return
     raw = json.loads(Path(resolve_file(pretrained, "config.json", options)).read_text())
-    self._generation_config = default_generation_config(self.config, raw)
+    self._generation_config = default_generation_config(self.config, raw, name_or_path=str(pretrained))
 
-  def _encode_jit(self) -> Callable[..., jax.Array]:
-    if getattr(self, "_encode_fn", None) is None:
-      self._encode_fn = jax.jit(lambda p, ids, mask: self.encode(ids, mask, params=p))
-    return self._encode_fn
-
-  def _init_cache_jit(self, unrolled: bool = False) -> Callable[..., Any]:
-    fns = self.__dict__.setdefault("_init_cache_fns", {})
-    if unrolled not in fns:
-      fns[unrolled] = jax.jit(self._unrolled_init_cache if unrolled else self.init_cache)
-    return fns[unrolled]
+  def decoding(self, params: Any) -> Decoding:
+    """The parameters and functions ``generate`` decodes with; by default the model's own."""
+    return Decoding(params, self.init_cache, self.decode_step)
 
   def generate(
       self,
@@ -219,26 +209,25 @@ class GenerationMixin:
   ) -> DalleMiniGenerateOutput:
     """Samples image tokens for a batch of tokenized prompts.
 
-    A scanned model decodes through its decoder layers split per layer (copied once per call; see
-    the model's ``_decoding_params``), as fast as an unrolled one.
-
-    Trailing text columns that are padding in every row (prompt and unconditional masks alike)
-    are dropped before encoding, rounded up to a multiple of 16 tokens, which leaves the result
-    unchanged (not done for Sinkformer models, whose encoder normalises over padded positions too).
+    Every prompt is encoded at ``config.max_text_length`` tokens (shorter inputs are padded),
+    so an image depends on its own prompt and key only, never on the batch it is sampled in:
+    ``seed=out.seeds[i]`` gives image ``i`` again (see ``dalle_flax.generation.seeds``).
 
     Args:
       input_ids: (b, t) text ids, t <= max_text_length (from ``DalleMiniProcessor``).
       attention_mask: (b, t) 1 for real tokens (default: all ones).
       generation_config: settings to start from (default: the model's).
-      prng_key: one key (images get ``fold_in(key, i)``) or one key per output image.
+      prng_key: one key (image i gets ``fold_in(key, i)``) or one key per output image.
       params: parameters to use instead of ``self.params``.
       logits_processor: Flax-signature processors ``(sequences, logits, cur_len) -> logits``,
         applied after guidance and before temperature/top-k/top-p.
-      negative_prompt_ids / negative_prompt_attention_mask: (b, t) unconditional inputs for
+      negative_prompt_ids / negative_prompt_attention_mask: (b, t') unconditional inputs for
         guidance (aliases ``input_ids_uncond`` / ``attention_mask_uncond``); default: the empty
         string, ``[<s>, </s>, <pad>...]``, as the original.
-      seed: an int (like prng_key=key(seed)) or one int per output image.
-      trace: False runs the same step in a Python loop without jit (for debugging).
+      seed: an int (image i gets seed ``image_seeds(seed, n)[i]``: ``seed`` itself for image 0)
+        or one int in [0, 2**32) per output image. Neither seed nor prng_key: seed 0.
+      trace: False runs every step eagerly in a Python loop, without jit (for debugging:
+        logits processors and the model see concrete arrays).
       callback: called as ``callback(step, tokens)`` every ``callback_steps`` tokens with the
         (n, step) tokens sampled so far (progress bars, progressive previews).
       **kwargs: GenerationConfig fields (do_sample, top_k, top_p, temperature, guidance_scale /
@@ -246,126 +235,125 @@ class GenerationMixin:
 
     Returns:
       ``DalleMiniGenerateOutput`` with ``.sequences`` of shape (b * num_return_sequences,
-      1 + image_length), column 0 the start token.
+      1 + image_length), column 0 the start token, and ``.seeds``.
     """
     pop_generation_aliases(kwargs)
     negative_prompt_ids = _merge_alias("negative_prompt_ids", negative_prompt_ids, kwargs)
     negative_prompt_attention_mask = _merge_alias(
         "negative_prompt_attention_mask", negative_prompt_attention_mask, kwargs)
-    config = self.config
-    vocab = config.image_vocab_size + 1
+    vocab = self.config.image_vocab_size + 1
     gen = resolve_generation_config(self.generation_config, generation_config, kwargs,
-                                    image_length=config.image_length, vocab_size=vocab)
+                                    image_length=self.config.image_length, vocab_size=vocab)
     params = self._require_params(params)
-    # a scanned model decodes through its decoder layers split per layer (see _decoding_params)
-    decoding = getattr(self, "_decoding_params", None)
-    loop_params, unrolled = decoding(params) if decoding is not None else (params, False)
-    if getattr(config, "use_scan", False) and not unrolled and not getattr(self, "_warned_scan", False):
-      self._warned_scan = True
-      logger.warning("Generating with scanned (stacked) decoder layers, which slices every layer's weights "
-                     "out of the stack at each step (about 3x slower on CPU); load with from_pretrained(..., "
-                     "use_scan=False) for inference: see the README's performance section.")
-    input_ids = _as_ids("input_ids", input_ids)
-    b, t = input_ids.shape
-    if t > config.max_text_length:
-      raise ValueError(
-          f"input_ids has length {t} but config.max_text_length is {config.max_text_length}; "
-          f"tokenize with DalleMiniProcessor (max_text_length={config.max_text_length})."
-      )
-    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else _as_ids("attention_mask", attention_mask)
-    if attention_mask.shape != input_ids.shape:
-      raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}.")
-
     scale = 1.0 if gen.guidance_scale is None else float(gen.guidance_scale)
-    guidance = scale != 1.0
     n_ret = gen.num_return_sequences or 1
-    if n_ret > 1:
-      input_ids = jnp.repeat(input_ids, n_ret, axis=0)
-      attention_mask = jnp.repeat(attention_mask, n_ret, axis=0)
-    n = b * n_ret
-    if guidance:
-      neg_ids, neg_mask = self._negative_inputs(negative_prompt_ids, negative_prompt_attention_mask, b, t, n_ret)
-    if _padding_is_inert(config):
-      # both encodings go into one cross-attention, so they share the trimmed length L <= t
-      text_len = _trimmed_text_length([attention_mask, neg_mask] if guidance else [attention_mask], t)
-      input_ids, attention_mask = input_ids[:, :text_len], attention_mask[:, :text_len]
-      if guidance:
-        neg_ids, neg_mask = neg_ids[:, :text_len], neg_mask[:, :text_len]
+    text = self._text_rows(input_ids, attention_mask, negative_prompt_ids, negative_prompt_attention_mask,
+                           n_ret, guidance=scale != 1.0)
+    n = text.ids.shape[0]
+    if prng_key is not None and seed is not None:
+      raise ValueError("Pass either prng_key or seed, not both.")
+    seeds = None if prng_key is not None else _image_seeds(0 if seed is None else seed, n // n_ret, n_ret)
+    row_keys = image_keys(n, seeds=seeds, prng_key=prng_key)
+    with contextlib.nullcontext() if trace else jax.disable_jit():
+      decoding = self.decoding(params)
+      cache = decoding.init_cache(decoding.params, *self._encode_rows(params, text))
+      state, spec, knobs, suppress_bias = self._loop_inputs(gen, decoding, cache, row_keys, n, scale,
+                                                            logits_processor)
+      state = self._sample(spec, decoding.params, state, knobs, suppress_bias, trace, callback, callback_steps)
+    return DalleMiniGenerateOutput(sequences=state.sequences, seeds=seeds)
 
-    encode = self._encode_jit() if trace else (lambda p, i, m: self.encode(i, m, params=p))
-    encoder_out = encode(params, input_ids, attention_mask)  # (n, L, d)
-    text_mask = attention_mask
-    if guidance:
-      if bool(jnp.all(neg_ids == neg_ids[:1])) and bool(jnp.all(neg_mask == neg_mask[:1])):
-        # one unconditional encoding, shared by every row
-        neg_out = jnp.broadcast_to(encode(params, neg_ids[:1], neg_mask[:1]), (n, *encoder_out.shape[1:]))
-      else:
-        neg_out = encode(params, neg_ids, neg_mask)
-      encoder_out = jnp.concatenate([encoder_out, neg_out.astype(encoder_out.dtype)])
-      text_mask = jnp.concatenate([attention_mask, neg_mask])
-    if trace:
-      init_cache = self._init_cache_jit(unrolled)
+  # --- the steps of generate() -----------------------------------------------------------------
+  def _text_rows(self, input_ids: Any, attention_mask: Any, neg_ids: Any, neg_mask: Any, n_ret: int,
+                 *, guidance: bool) -> _Text:
+    """Checks the text inputs; one row per output image, padded to ``max_text_length``."""
+    length = self.config.max_text_length
+    ids = as_ids("input_ids", input_ids, allow_1d=True)
+    b, t = ids.shape
+    if t > length:
+      raise ValueError(
+          f"input_ids has length {t} but config.max_text_length is {length}; "
+          f"tokenize with DalleMiniProcessor (max_text_length={length})."
+      )
+    mask = jnp.ones_like(ids) if attention_mask is None else as_ids("attention_mask", attention_mask, allow_1d=True)
+    if mask.shape != ids.shape:
+      raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}.")
+    ids, mask = _pad_text(jnp.repeat(ids, n_ret, axis=0), jnp.repeat(mask, n_ret, axis=0), length)
+    if not guidance:
+      if neg_ids is not None or neg_mask is not None:
+        logger.debug("negative prompt ignored: guidance is off (guidance_scale 1)")
+      return _Text(ids, mask, None, None, False)
+    neg_ids, neg_mask = self._negative_rows(neg_ids, neg_mask, b, length)
+    shared = bool(jnp.all(neg_ids == neg_ids[:1])) and bool(jnp.all(neg_mask == neg_mask[:1]))
+    neg_ids, neg_mask = jnp.repeat(neg_ids, n_ret, axis=0), jnp.repeat(neg_mask, n_ret, axis=0)
+    return _Text(ids, mask, neg_ids, neg_mask, shared)
+
+  def _negative_rows(self, ids: Any, mask: Any, b: int, length: int) -> tuple[jax.Array, jax.Array]:
+    """(b, length) unconditional ids and mask; default: the empty string, as the original."""
+    if ids is None:
+      if mask is not None:
+        raise ValueError("negative_prompt_attention_mask was given without negative_prompt_ids.")
+      ids = np.full((1, length), TEXT_PAD_ID, np.int32)
+      ids[0, :2] = (TEXT_BOS_ID, TEXT_EOS_ID)
+    ids = as_ids("negative_prompt_ids", ids, allow_1d=True)
+    mask = (ids != TEXT_PAD_ID).astype(jnp.int32) if mask is None else as_ids(
+        "negative_prompt_attention_mask", mask, allow_1d=True)
+    if ids.shape != mask.shape or ids.shape[0] not in (1, b) or ids.shape[1] > length:
+      raise ValueError(
+          f"negative_prompt_ids and its mask must both have shape ({b}, t) or (1, t) with t <= "
+          f"max_text_length={length}, got {tuple(ids.shape)} and {tuple(mask.shape)}."
+      )
+    ids, mask = _pad_text(ids, mask, length)
+    return jnp.broadcast_to(ids, (b, length)), jnp.broadcast_to(mask, (b, length))
+
+  def _encode_rows(self, params: Any, text: _Text) -> tuple[jax.Array, jax.Array]:
+    """Encoder output and text mask of every row: (rows, t, d) and (rows, t); with guidance the
+    n conditional rows come first, then the n unconditional ones."""
+    encoder_out = self.encode(text.ids, text.mask, params=params)  # (n, t, d)
+    if text.neg_ids is None:
+      return encoder_out, text.mask
+    if text.shared_neg:  # one unconditional encoding, shared by every row
+      neg_out = jnp.broadcast_to(self.encode(text.neg_ids[:1], text.neg_mask[:1], params=params),
+                                 encoder_out.shape)
     else:
-      init_cache = self._unrolled_init_cache if unrolled else self.init_cache
-    cache = init_cache(loop_params, encoder_out, text_mask)
+      neg_out = self.encode(text.neg_ids, text.neg_mask, params=params)
+    return (jnp.concatenate([encoder_out, neg_out.astype(encoder_out.dtype)]),
+            jnp.concatenate([text.mask, text.neg_mask]))
 
+  def _loop_inputs(self, gen: GenerationConfig, decoding: Decoding, cache: Any, row_keys: jax.Array, n: int,
+                   scale: float, logits_processor: Sequence[Callable[..., jax.Array]] | None
+                   ) -> tuple[SampleState, LoopSpec, SamplingKnobs, jax.Array]:
+    """The loop's initial state, its static spec, the traced knobs and the suppression bias."""
+    config, vocab = self.config, self.config.image_vocab_size + 1
     start_id = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else config.decoder_start_token_id
     pad_id = gen.pad_token_id if gen.pad_token_id is not None else start_id
     eos = gen.eos_token_id[0] if isinstance(gen.eos_token_id, list) else gen.eos_token_id
     sequences = jnp.full((n, 1 + config.image_length), pad_id, jnp.int32).at[:, 0].set(start_id)
-    state = SampleState(
-        token=jnp.full((n,), start_id, jnp.int32), sequences=sequences,
-        finished=jnp.zeros((n,), bool), cache=cache, row_keys=_row_keys(n, prng_key, seed))
+    state = SampleState(token=jnp.full((n,), start_id, jnp.int32), sequences=sequences,
+                        finished=jnp.zeros((n,), bool), cache=cache, row_keys=row_keys)
     spec = LoopSpec(
-        decode_step=self._loop_decode_step(params, unrolled), do_sample=bool(gen.do_sample),
+        decode_step=decoding.decode_step, do_sample=bool(gen.do_sample),
         top_k=min(int(gen.top_k or 0), vocab),  # as transformers: k capped at the vocabulary
-        guidance=guidance, eos_token_id=eos if eos is not None and 0 <= eos < vocab else None,
+        guidance=scale != 1.0, eos_token_id=eos if eos is not None and 0 <= eos < vocab else None,
         pad_token_id=int(pad_id), logits_processors=tuple(logits_processor or ()))
     knobs = SamplingKnobs(
         temperature=jnp.float32(1.0 if gen.temperature is None else gen.temperature),
         top_p=jnp.float32(1.0 if gen.top_p is None else gen.top_p),
         guidance_scale=jnp.float32(scale))
-    suppress_bias = jnp.zeros((vocab,), jnp.float32).at[jnp.asarray(gen.suppress_tokens or [], jnp.int32)].set(-jnp.inf)
+    suppress = jnp.asarray(gen.suppress_tokens or [], jnp.int32)
+    return state, spec, knobs, jnp.zeros((vocab,), jnp.float32).at[suppress].set(-jnp.inf)
 
-    length = config.image_length
+  def _sample(self, spec: LoopSpec, params: Any, state: SampleState, knobs: SamplingKnobs,
+              suppress_bias: jax.Array, trace: bool, callback: Callable[[int, np.ndarray], None] | None,
+              callback_steps: int) -> SampleState:
+    """Runs every position: one jitted scan, or chunks of ``callback_steps`` with a callback."""
+    length = self.config.image_length
     chunk = length if callback is None else max(1, min(int(callback_steps), length))
     for begin in range(0, length, chunk):
       steps = min(chunk, length - begin)
       if trace:
-        state = _jitted_loop()(spec, loop_params, state, knobs, suppress_bias, jnp.int32(begin), steps)
+        state = _jitted_loop()(spec, params, state, knobs, suppress_bias, jnp.int32(begin), steps)
       else:
-        state = run_steps(spec, loop_params, state, knobs, suppress_bias, jnp.int32(begin), steps, scan=False)
+        state = run_steps(spec, params, state, knobs, suppress_bias, jnp.int32(begin), steps, scan=False)
       if callback is not None:
         callback(begin + steps, np.asarray(state.sequences[:, 1 : begin + steps + 1]))
-    return DalleMiniGenerateOutput(sequences=state.sequences)
-
-  def _loop_decode_step(self, params: Any, unrolled: bool = False) -> Callable[..., Any]:
-    """The model's ``native_decode_step`` (native CPU kernels) when the parameters sit on one CPU
-    device and the kernels build; else ``decode_step`` (their ``_unrolled_*`` variants for the
-    parameters of ``_decoding_params``)."""
-    prefix = "_unrolled_" if unrolled else ""
-    native = getattr(self, prefix + "native_decode_step", None)
-    if native is not None and _on_one_cpu_device(params) and kernels.kernels_available():
-      return native
-    return getattr(self, prefix + "decode_step")
-
-  def _negative_inputs(self, ids: Any, mask: Any, b: int, t: int, n_ret: int) -> tuple[jax.Array, jax.Array]:
-    if ids is None:
-      if mask is not None:
-        raise ValueError("negative_prompt_attention_mask was given without negative_prompt_ids.")
-      row = np.full((t,), TEXT_PAD_ID, np.int32)
-      row[:2] = (TEXT_BOS_ID, TEXT_EOS_ID)
-      ids = np.broadcast_to(row, (b, t))
-      mask = np.broadcast_to((np.arange(t) < 2).astype(np.int32), (b, t))
-    ids = _as_ids("negative_prompt_ids", ids)
-    mask = (ids != TEXT_PAD_ID).astype(jnp.int32) if mask is None else _as_ids("negative_prompt_attention_mask", mask)
-    if ids.shape[0] == 1 and b > 1:
-      ids, mask = jnp.broadcast_to(ids, (b, ids.shape[1])), jnp.broadcast_to(mask, (b, ids.shape[1]))
-    if ids.shape != (b, t) or mask.shape != (b, t):
-      raise ValueError(
-          f"negative_prompt_ids and its mask must have the prompt shape {(b, t)} (or one row), got "
-          f"{tuple(ids.shape)} and {tuple(mask.shape)}."
-      )
-    if n_ret > 1:
-      ids, mask = jnp.repeat(ids, n_ret, axis=0), jnp.repeat(mask, n_ret, axis=0)
-    return ids, mask
+    return state

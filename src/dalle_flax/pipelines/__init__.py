@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 
+from ..generation.seeds import image_seeds
 from .clip_rerank import rerank_with_clip
 from .configuration import DalleMiniConfig
 from .configuration import register as _register_config
 from .factory import DEFAULT_MODEL, SUPPORTED_TASKS, pipeline
 from .loading import KNOWN_VQGANS, DalleMiniPipelineModel
 from .pipeline_output import TextToImagePipelineOutput
-from .seeds import image_seeds
 from .text_to_image import TextToImagePipeline, grid_shape
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ VQGAN and returns PIL images. It subclasses ``transformers.Pipeline`` so
 ``transformers.pipeline("text-to-image", model=...)`` builds it, but overrides ``__init__``,
 ``__call__`` and ``forward`` (the base ones are torch-only): it runs without torch.
 
-Seeds: every image has its own seed (see ``dalle_flax.pipelines.seeds``), so
+Seeds: every image has its own seed (see ``dalle_flax.generation.seeds``), so
 ``pipe(prompt, seed=out.seeds[i])`` regenerates image ``i`` alone, pixel for pixel.
 
 Progress: a tqdm bar over image tokens (``pipe.set_progress_bar_config(disable=True)`` turns it
@@ -34,12 +34,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import Pipeline
 
+from ..generation.seeds import flatten_seeds, image_keys
 from ..image_utils import to_pil, to_uint8
 from ..modeling_flax_dalle_mini import FlaxDalleMiniForConditionalGeneration
 from ..processing_dalle_mini import DalleMiniProcessor
 from .loading import DalleMiniPipelineModel, build_components
 from .pipeline_output import TextToImagePipelineOutput
-from .seeds import flatten_seeds, image_keys
 
 logger = logging.getLogger(__name__)
 
@@ -367,7 +367,7 @@ class TextToImagePipeline(Pipeline):
       raise ValueError("Pass either seed or prng_key, not both.")
     seeds = keys = None
     if params.get("prng_key") is not None:
-      keys = image_keys(params["prng_key"], total)
+      keys = image_keys(total, prng_key=params["prng_key"])
     else:
       seed = params.get("seed")
       seeds = flatten_seeds(secrets.randbelow(2**32) if seed is None else seed, len(prompts), n)
