@@ -281,3 +281,27 @@ def test_cli_serve_errors_exit_1_or_2(tmp_path, capsys):
     cli.main(["serve", "--port", "70000"])
   assert exit_info.value.code == 2
   assert "--port: expected an integer in [0, 65535], got '70000'" in capsys.readouterr().err
+
+
+def test_defaults_come_from_the_model_generation_config(tmp_path, pipe):
+  import shutil
+
+  folder = tmp_path / "guided"
+  shutil.copytree(TINY, folder)
+  config_path = folder / "generation_config.json"
+  config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "guidance_scale": 3.0}))
+  guided = dalle_flax.pipeline("text-to-image", model=folder)
+  guided.set_progress_bar_config(disable=True)
+  server, thread = _start(guided)
+  try:
+    body = {k: v for k, v in REQUEST.items() if k != "guidance_scale"}
+    status, reply = post_json(server.url, "/api/generate", body)
+  finally:
+    _stop(server, thread)
+  assert status == 200, reply
+  got = [np.asarray(image) for image in decode(reply["images"])]
+  kwargs = dict(num_images_per_prompt=2, seed=7, temperature=0.9, top_p=0.95)
+  expected = pipe(REQUEST["prompt"], guidance_scale=3.0, **kwargs)
+  np.testing.assert_array_equal(got, [np.asarray(image) for image in expected])
+  unguided = pipe(REQUEST["prompt"], **kwargs)
+  assert any((g != np.asarray(u)).any() for g, u in zip(got, unguided))

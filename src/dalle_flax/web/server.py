@@ -36,6 +36,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from ..generation.seeds import SEED_LIMIT
+
 if TYPE_CHECKING:
   from ..pipelines import TextToImagePipeline
 
@@ -112,7 +114,7 @@ def parse_generate_request(body: bytes, *, default_num_images: int = 1,
   rules: dict[str, tuple[Callable[[Any], bool], str]] = {
       "num_images": (lambda v: _is_int(v) and 1 <= v <= MAX_IMAGES,
                      f"an integer in [1, {MAX_IMAGES}] or null"),
-      "seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32) or null"),
+      "seed": (lambda v: _is_int(v) and 0 <= v < SEED_LIMIT, "an integer in [0, 2**32) or null"),
       "guidance_scale": (_is_number, "a finite number or null"),
       "temperature": (lambda v: _is_number(v) and v > 0, "a finite number > 0 or null"),
       "top_k": (lambda v: _is_int(v) and 0 <= v <= max_top_k,
