@@ -354,6 +354,20 @@ def test_trace_false_runs_eagerly(model):
   np.testing.assert_array_equal(eager, jitted)
 
 
+def test_trace_false_runs_the_real_model_without_jit():
+  model = tiny_dallebart()
+  ids, mask = padded_prompts([5], 40)
+  jit_flags = []
+
+  def record(sequences, logits, cur_len):
+    jit_flags.append(bool(jax.config.jax_disable_jit))  # the model's step ran under the same flag
+    return logits
+
+  eager = model.generate(ids, mask, seed=2, guidance_scale=3.0, logits_processor=[record], trace=False)
+  assert jit_flags == [True] * model.config.image_length
+  np.testing.assert_array_equal(eager.sequences, model.generate(ids, mask, seed=2, guidance_scale=3.0).sequences)
+
+
 def test_num_return_sequences_gives_distinct_images(model):
   out = model.generate(IDS[:1], MASK[:1], seed=0, num_return_sequences=4, temperature=5.0, top_k=0)
   rows = {tuple(row) for row in np.asarray(out.image_tokens)}
