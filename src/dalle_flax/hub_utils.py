@@ -1,6 +1,6 @@
 """Resolve files in a local folder or a Hugging Face Hub repository, and write files atomically.
 
-Example: ``path = resolve_file("dalle-mini/dalle-mini", "config.json", revision="main")``.
+Example: ``path = resolve_file("dalle-mini/dalle-mini", "config.json", HubOptions(revision="main"))``.
 
 Every loader in dalle_flax goes through :func:`resolve_file`, so a folder and a repo id behave
 the same, and the real huggingface_hub download paths (cache, revisions, ``HF_HUB_OFFLINE``,
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -21,12 +22,17 @@ from typing import Any
 import huggingface_hub
 from huggingface_hub import errors as hf_errors
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["HubOptions", "atomic_write", "atomic_write_json", "push_folder", "read_json_object", "resolve_file"]
 
 
 @dataclass(frozen=True)
 class HubOptions:
-  """Where and how to look for files; mirrors the keyword arguments of ``from_pretrained``."""
+  """Where and how to look for files; mirrors the Hub keyword arguments of ``from_pretrained``.
+
+  Example: ``HubOptions(revision="v1", local_files_only=True)``.
+  """
 
   revision: str | None = None
   cache_dir: str | os.PathLike | None = None
@@ -36,6 +42,7 @@ class HubOptions:
   subfolder: str = ""
 
   def download_kwargs(self) -> dict[str, Any]:
+    """The keyword arguments of ``huggingface_hub.hf_hub_download`` (``subfolder`` excepted)."""
     return {
         "revision": self.revision,
         "cache_dir": self.cache_dir,
@@ -43,6 +50,10 @@ class HubOptions:
         "local_files_only": self.local_files_only,
         "force_download": self.force_download,
     }
+
+  def from_pretrained_kwargs(self) -> dict[str, Any]:
+    """The same settings as keyword arguments of a ``from_pretrained`` (transformers' or ours)."""
+    return {**self.download_kwargs(), "subfolder": self.subfolder}
 
 
 def resolve_file(
@@ -58,14 +69,16 @@ def resolve_file(
     path_or_repo_id: a local folder, or a Hub repo id such as ``"dalle-mini/dalle-mini"``.
     filename: file name inside the folder / repo (relative to ``options.subfolder``).
     options: revision, cache and offline settings.
-    required: when False, a missing file returns None instead of raising.
+    required: when False, an absent file returns None instead of raising; so does a file that is
+      not cached while the Hub cannot be asked (offline, or unreachable: logged), as transformers
+      does for optional files. Missing repos and revisions still raise.
 
   Returns:
     The path of the file on local disk, or None when it is absent and not required.
 
   Raises:
     FileNotFoundError: the file (or the folder / repo itself) does not exist.
-    OSError: the Hub could not be reached and the file is not cached.
+    OSError: the Hub could not be reached and the required file is not cached.
   """
   options = options or HubOptions()
   folder = Path(path_or_repo_id)
@@ -80,11 +93,10 @@ def resolve_file(
       )
     return None
   repo_id = str(path_or_repo_id)
+  not_a_repo = (f"{repo_id!r} is neither a local folder nor a Hub repo id ('owner/name'); "
+                "check the path.")
   if folder.exists() or os.sep in repo_id.strip("/").replace("/", "", 1) or repo_id.startswith((".", "/")):
-    raise FileNotFoundError(
-        f"{repo_id!r} is neither an existing local folder nor a Hub repo id of the form "
-        "'owner/name'; check the path."
-    )
+    raise FileNotFoundError(not_a_repo)
   try:
     return Path(
         huggingface_hub.hf_hub_download(
@@ -92,9 +104,7 @@ def resolve_file(
         )
     )
   except hf_errors.HFValidationError as e:
-    raise FileNotFoundError(
-        f"{repo_id!r} is neither an existing local folder nor a valid Hub repo id: {e}"
-    ) from None
+    raise FileNotFoundError(f"{not_a_repo} ({e})") from None
   except hf_errors.RepositoryNotFoundError:
     raise FileNotFoundError(
         f"Repository {repo_id!r} was not found on {huggingface_hub.constants.ENDPOINT} (or it is "
@@ -108,7 +118,10 @@ def resolve_file(
   # LocalEntryNotFoundError subclasses EntryNotFoundError: it must be caught first.
   except hf_errors.LocalEntryNotFoundError as e:
     offline = options.local_files_only or huggingface_hub.constants.HF_HUB_OFFLINE
-    if not required and offline:
+    if not required:
+      if not offline:
+        logger.warning("Could not check %r of %r on the Hub and it is not cached (%s); going on "
+                       "without this optional file.", filename, repo_id, e)
       return None
     if offline:
       raise FileNotFoundError(

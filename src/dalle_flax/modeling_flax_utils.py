@@ -5,7 +5,8 @@ Example: ``model = FlaxVQGANModel.from_pretrained("dalle-mini/vqgan_imagenet_f16
 A subclass provides ``config_class``, ``build_module()`` (the linen module) and
 ``init_weights(key)`` (its nested parameter dict); it may override ``config_from_dict`` and
 ``convert_checkpoint_params`` to read legacy layouts. The base class gives it
-``from_pretrained`` (folder or repo id; safetensors or flax msgpack, sharded or not),
+``from_pretrained`` (folder or repo id; safetensors or flax msgpack, sharded or not; a sharded
+checkpoint is read through its index, each tensor from the shard it names; stored dtypes are kept),
 ``save_pretrained`` (safetensors, sharded past ``max_shard_size``, atomic) and ``push_to_hub``
 (with a model card). Weights are read with safetensors and ``flax.serialization.msgpack_restore``:
 nothing is ever unpickled.
@@ -112,6 +113,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_msgpack(path: Path) -> dict[str, np.ndarray]:
+  """Reads a flax msgpack file; every leaf keeps its stored dtype (fp16 and bf16 included)."""
   try:
     state = serialization.msgpack_restore(path.read_bytes())
   except Exception as e:  # msgpack raises several unrelated exception types on bad input
@@ -129,7 +131,55 @@ def _read_index(index_path: Path) -> dict[str, str]:
     weight_map = index["weight_map"]
   except (json.JSONDecodeError, KeyError, TypeError) as e:
     raise _corrupted(index_path, e) from None
+  if not isinstance(weight_map, dict) or not all(
+      isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    raise _corrupted(index_path, TypeError("weight_map must map tensor names to shard file names"))
   return weight_map
+
+
+def _shard_keys(weight_map: Mapping[str, str]) -> dict[str, list[str]]:
+  """Groups the index's tensor names by the shard file it names for them, in index order."""
+  by_shard: dict[str, list[str]] = {}
+  for key, shard in weight_map.items():
+    by_shard.setdefault(shard, []).append(key)
+  return by_shard
+
+
+def _some(keys: list[str], n: int = 5) -> str:
+  return ", ".join(repr(k) for k in keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _inconsistent_index(index_path: Path, shard_path: Path, keys: list[str], held: int) -> OSError:
+  return OSError(
+      f"The index {str(index_path)!r} maps {len(keys)} tensor(s) to the shard "
+      f"{str(shard_path)!r}, which does not hold them (it holds {held} tensors): "
+      f"{_some(keys)}. The index and its shards do not belong "
+      "together; save the model again (or re-download with force_download=True)."
+  )
+
+
+def _read_safetensors_shard(index_path: Path, shard_path: Path, keys: list[str]) -> dict[str, np.ndarray]:
+  """Reads exactly ``keys`` from one safetensors shard, as transformers and accelerate do."""
+  try:
+    with safetensors.safe_open(str(shard_path), framework="numpy") as f:
+      held = set(f.keys())
+      tensors = {key.replace(".", "/"): f.get_tensor(key) for key in keys if key in held}
+  except Exception as e:  # safetensors raises SafetensorError / OSError variants
+    raise _corrupted(shard_path, e) from None
+  absent = [key for key in keys if key not in held]
+  if absent:
+    raise _inconsistent_index(index_path, shard_path, absent, len(held))
+  return tensors
+
+
+def _read_msgpack_shard(index_path: Path, shard_path: Path, keys: list[str]) -> dict[str, np.ndarray]:
+  """Reads exactly ``keys`` ("/"-joined, as transformers 4.x wrote them) from a msgpack shard."""
+  held = _read_msgpack(shard_path)
+  names = [key.replace(".", "/") for key in keys]
+  absent = [key for key, name in zip(keys, names) if name not in held]
+  if absent:
+    raise _inconsistent_index(index_path, shard_path, absent, len(held))
+  return {name: held[name] for name in names}
 
 
 class FlaxPreTrainedModel:
@@ -232,7 +282,12 @@ class FlaxPreTrainedModel:
   def load_checkpoint(
       cls, pretrained_model_name_or_path: str | os.PathLike, options: HubOptions
   ) -> tuple[dict[str, np.ndarray], str]:
-    """Reads the first weights file found (safetensors before msgpack); returns (flat, path)."""
+    """Reads the first weights file found (safetensors before msgpack); returns (flat, path).
+
+    A sharded checkpoint is read through its index: each tensor from the shard the index's
+    ``weight_map`` names for it (as transformers and accelerate read it), so an index that
+    disagrees with its shards is an error here too.
+    """
     for name in _WEIGHT_FILES:
       path = resolve_file(pretrained_model_name_or_path, name, options, required=False)
       if path is None:
@@ -240,15 +295,18 @@ class FlaxPreTrainedModel:
       if not name.endswith(".index.json"):
         reader = _read_safetensors if name.endswith(".safetensors") else _read_msgpack
         return reader(path), str(path)
-      weight_map = _read_index(path)
-      reader = _read_safetensors if name.startswith("model.") else _read_msgpack
+      read_shard = _read_safetensors_shard if name.startswith("model.") else _read_msgpack_shard
       flat: dict[str, np.ndarray] = {}
-      for shard in sorted(set(weight_map.values())):
-        shard_path = resolve_file(pretrained_model_name_or_path, shard, options)
-        flat.update(reader(shard_path))
-      missing = sorted(k for k in weight_map if k.replace(".", "/") not in flat and k not in flat)
-      if missing:
-        raise _corrupted(path, KeyError(f"index lists {len(missing)} keys absent from its shards: {missing[:5]}"))
+      for shard, keys in _shard_keys(_read_index(path)).items():
+        try:
+          shard_path = resolve_file(pretrained_model_name_or_path, shard, options)
+        except FileNotFoundError as e:
+          raise FileNotFoundError(
+              f"The index {str(path)!r} maps {len(keys)} tensor(s) to the shard {shard!r}, which "
+              f"could not be found: {e} Its tensors: {_some(keys)}. Save the model again, or "
+              "re-download the whole checkpoint."
+          ) from None
+        flat.update(read_shard(path, shard_path, keys))
       return flat, str(path)
     raise FileNotFoundError(
         f"No weights found in {str(pretrained_model_name_or_path)!r}: expected one of "
@@ -286,7 +344,9 @@ class FlaxPreTrainedModel:
     Returns:
       The model with ``.params`` loaded.
     """
-    options = HubOptions(revision, cache_dir, token, local_files_only, force_download, subfolder)
+    options = HubOptions(revision=revision, cache_dir=cache_dir, token=token,
+                         local_files_only=local_files_only, force_download=force_download,
+                         subfolder=subfolder)
     if config is None:
       config = cls.load_config(pretrained_model_name_or_path, options, **config_kwargs)
     flat, path = cls.load_checkpoint(pretrained_model_name_or_path, options)

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from transformers import AutoProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
 
-from .hub_utils import read_json_object
-from .text_normalization import TextNormalizer, find_optional_file
+from .hub_utils import HubOptions, read_json_object, resolve_file
+from .text_normalization import TextNormalizer
 from .tokenization_dalle_mini import DalleBartTokenizer
 
 __all__ = ["PROCESSOR_CONFIG_FILE", "DalleMiniProcessor", "register"]
@@ -144,17 +144,19 @@ class DalleMiniProcessor(ProcessorMixin):
           "accepted: cache_dir, force_download, local_files_only, token, revision, subfolder, "
           "normalize_text, max_text_length, text_normalizer, seed."
       )
-    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-               token=token, subfolder=subfolder, force_download=force_download)
-    tokenizer = DalleBartTokenizer.from_pretrained(pretrained_model_name_or_path, **hub)
-    settings = _read_text_settings(pretrained_model_name_or_path, hub)
+    options = HubOptions(revision=revision, cache_dir=cache_dir, token=token,
+                         local_files_only=local_files_only, force_download=force_download,
+                         subfolder=subfolder)
+    tokenizer = DalleBartTokenizer.from_pretrained(pretrained_model_name_or_path,
+                                                   **options.from_pretrained_kwargs())
+    settings = _read_text_settings(pretrained_model_name_or_path, options)
     if normalize_text is None:
       normalize_text = bool(settings.get("normalize_text", DEFAULT_NORMALIZE_TEXT))
     if max_text_length is None:
       max_text_length = settings.get("max_text_length", DEFAULT_MAX_TEXT_LENGTH)
     if text_normalizer is None and normalize_text:
       text_normalizer = TextNormalizer.from_pretrained(pretrained_model_name_or_path, seed=seed,
-                                                       **hub)
+                                                       **options.from_pretrained_kwargs())
     return cls(tokenizer, normalize_text=normalize_text, max_text_length=max_text_length,
                text_normalizer=text_normalizer)
 
@@ -302,13 +304,14 @@ def _as_prompt_list(value: Any, name: str) -> list[str]:
   return list(value)
 
 
-def _read_text_settings(path_or_repo_id: str | os.PathLike, hub: dict[str, Any]) -> dict[str, Any]:
+def _read_text_settings(path_or_repo_id: str | os.PathLike, options: HubOptions) -> dict[str, Any]:
   """``normalize_text`` / ``max_text_length`` from processor_config.json, else config.json."""
   settings: dict[str, Any] = {}
-  config = _read_json(find_optional_file(path_or_repo_id, "config.json", **hub))
+  config = _read_json(resolve_file(path_or_repo_id, "config.json", options, required=False))
   for source in (config.get("text_config") or {}, config):  # composite folder, then top level
     settings.update({k: source[k] for k in ("normalize_text", "max_text_length") if k in source})
-  processor_config = _read_json(find_optional_file(path_or_repo_id, PROCESSOR_CONFIG_FILE, **hub))
+  processor_config = _read_json(resolve_file(path_or_repo_id, PROCESSOR_CONFIG_FILE, options,
+                                             required=False))
   settings.update({k: processor_config[k] for k in ("normalize_text", "max_text_length")
                    if k in processor_config})
   return settings

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import emoji
 import ftfy
-import huggingface_hub
-from huggingface_hub import errors as hf_errors
 from unidecode import unidecode
+
+from .hub_utils import HubOptions, resolve_file
 
 __all__ = ["WORD_FREQUENCIES_FILE", "TextNormalizer", "WordSplitter"]
 
@@ -348,11 +348,10 @@ class TextNormalizer:
     Returns:
       A normalizer; without ``enwiki-words-frequency.txt`` it keeps hashtags unsplit.
     """
-    path = find_optional_file(
-        folder_or_repo_id, WORD_FREQUENCIES_FILE, revision=revision, cache_dir=cache_dir,
-        local_files_only=local_files_only, token=token, subfolder=subfolder,
-        force_download=force_download,
-    )
+    options = HubOptions(revision=revision, cache_dir=cache_dir, token=token,
+                         local_files_only=local_files_only, force_download=force_download,
+                         subfolder=subfolder)
+    path = resolve_file(folder_or_repo_id, WORD_FREQUENCIES_FILE, options, required=False)
     if path is None:
       logger.info(
           "%s has no %s: hashtags will be kept unsplit.", folder_or_repo_id, WORD_FREQUENCIES_FILE
@@ -430,42 +429,3 @@ class TextNormalizer:
       )
     return self._splitter
 
-
-def find_optional_file(
-    folder_or_repo_id: str | os.PathLike,
-    filename: str,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-    subfolder: str = "",
-    force_download: bool = False,
-) -> Path | None:
-  """Returns ``filename`` from a local folder or Hub repo, or None when the repo lacks it.
-
-  Missing repos, revisions and unreachable Hubs still raise (from ``hf_hub_download``); only an
-  absent file, or one not cached while offline, gives None.
-
-  Raises:
-    FileNotFoundError: ``folder_or_repo_id`` is neither a folder nor a valid repo id.
-  """
-  folder = Path(folder_or_repo_id)
-  if folder.is_dir():
-    path = folder / subfolder / filename
-    return path if path.is_file() else None
-  try:
-    return Path(
-        huggingface_hub.hf_hub_download(
-            str(folder_or_repo_id), filename, subfolder=subfolder or None, revision=revision,
-            cache_dir=cache_dir, local_files_only=local_files_only, token=token,
-            force_download=force_download,
-        )
-    )
-  except hf_errors.HFValidationError:
-    raise FileNotFoundError(
-        f"{str(folder_or_repo_id)!r} is neither a local folder nor a Hub repo id "
-        "('owner/name'); check the path."
-    ) from None
-  except hf_errors.EntryNotFoundError:  # also LocalEntryNotFoundError (offline, not cached)
-    return None

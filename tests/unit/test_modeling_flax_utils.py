@@ -177,7 +177,7 @@ def test_missing_files_and_bad_paths(tmp_path, model):
   model.config.save_pretrained(tmp_path)
   with pytest.raises(FileNotFoundError, match="No weights found"):
     ToyModel.from_pretrained(tmp_path)
-  with pytest.raises(FileNotFoundError, match="neither an existing local folder"):
+  with pytest.raises(FileNotFoundError, match="neither a local folder nor a Hub repo id"):
     ToyModel.from_pretrained(str(tmp_path / "does" / "not" / "exist"))
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(ValueError, match="not valid JSON"):
@@ -242,3 +242,25 @@ def test_push_to_hub_and_pull_by_repo_id(local_hub, model):
     ToyModel.from_pretrained("tester/nope")
   with pytest.raises(FileNotFoundError, match="Revision 'v9'"):
     ToyModel.from_pretrained("tester/toy", revision="v9")
+
+
+class _NoSleep:
+  """Stands in for the ``time`` module of huggingface_hub's retry loop."""
+
+  @staticmethod
+  def sleep(seconds):
+    pass
+
+
+def test_cached_sharded_model_loads_while_the_hub_is_unreachable(local_hub, model, monkeypatch):
+  """Optional files (model.safetensors of a sharded repo) that the Hub cannot be asked about are
+  skipped, as transformers does; required ones still fail with a clear OSError."""
+  model.push_to_hub("tester/toy-sharded", max_shard_size=300)
+  assert_same_params(ToyModel.from_pretrained("tester/toy-sharded").params, model.params)  # caches
+  local_hub.server.stop()
+  from huggingface_hub.utils import _http
+
+  monkeypatch.setattr(_http, "time", _NoSleep())
+  assert_same_params(ToyModel.from_pretrained("tester/toy-sharded").params, model.params)
+  with pytest.raises(OSError, match="Could not download 'config.json'"):
+    ToyModel.from_pretrained("tester/never-cached")
