@@ -205,7 +205,7 @@ class LocalHub:
     """What the `local_hub` fixture yields.
 
     Attributes:
-        server: The running `LocalHubServer` (seed/inspect repos, read ``server.requests``).
+        server: The running `LocalHubServer` (``server.stop()`` makes the Hub unreachable).
         endpoint: Its base URL, also patched in as the default Hub endpoint.
         token: Token exported as ``HF_TOKEN`` (any token is accepted by the server).
         hf_home: Temporary ``HF_HOME``.
