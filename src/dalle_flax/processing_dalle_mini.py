@@ -305,9 +305,18 @@ def _as_prompt_list(value: Any, name: str) -> list[str]:
 
 
 def _read_text_settings(path_or_repo_id: str | os.PathLike, options: HubOptions) -> dict[str, Any]:
-  """``normalize_text`` / ``max_text_length`` from processor_config.json, else config.json."""
+  """``normalize_text`` / ``max_text_length`` from processor_config.json, else config.json.
+
+  A 2021 seed config (model_type "bart") has neither key: its settings are those of the
+  converted model (``convert_bart2021_config``: 128 tokens as its notebook, no normalization).
+  """
+  from .convert.bart2021 import convert_bart2021_config, is_bart2021_config
+
   settings: dict[str, Any] = {}
   config = _read_json(resolve_file(path_or_repo_id, "config.json", options, required=False))
+  if is_bart2021_config(config):
+    converted = convert_bart2021_config(config)
+    config = {"normalize_text": converted.normalize_text, "max_text_length": converted.max_text_length}
   for source in (config.get("text_config") or {}, config):  # composite folder, then top level
     settings.update({k: source[k] for k in ("normalize_text", "max_text_length") if k in source})
   processor_config = _read_json(resolve_file(path_or_repo_id, PROCESSOR_CONFIG_FILE, options,
@@ -326,22 +335,11 @@ def register() -> None:
 
   ``AutoTokenizer`` then resolves ``"tokenizer_class": "DalleBartTokenizer"`` and
   ``AutoProcessor`` resolves ``"processor_class": "DalleMiniProcessor"`` (written by
-  :meth:`DalleMiniProcessor.save_pretrained`). When the model config classes are importable
-  they are the keys, so ``AutoProcessor`` also works on the released repos, which have no
-  ``processor_config.json`` (it maps their ``config.json`` to the processor); otherwise the
-  model type string ``"dallebart"`` is the key, which still allows lookup by class name.
+  :meth:`DalleMiniProcessor.save_pretrained`); keyed by ``DalleBartConfig``, ``AutoProcessor``
+  also works on the released repos, which have no ``processor_config.json``. (The composite
+  ``DalleMiniConfig`` is registered by ``dalle_flax.pipelines.configuration``.)
   """
-  keys: list[Any] = []
-  try:
-    from . import configuration_dalle_mini as configs
-  except ImportError:
-    configs = None
-  for name in ("DalleBartConfig", "DalleMiniConfig"):
-    config_class = getattr(configs, name, None)
-    if config_class is not None:
-      keys.append(config_class)
-  if not keys:
-    keys.append("dallebart")
-  for key in keys:
-    AutoTokenizer.register(key, tokenizer_class=DalleBartTokenizer, exist_ok=True)
-    AutoProcessor.register(key, DalleMiniProcessor, exist_ok=True)
+  from .configuration_dalle_mini import DalleBartConfig
+
+  AutoTokenizer.register(DalleBartConfig, tokenizer_class=DalleBartTokenizer, exist_ok=True)
+  AutoProcessor.register(DalleBartConfig, DalleMiniProcessor, exist_ok=True)

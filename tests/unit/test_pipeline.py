@@ -388,3 +388,26 @@ def test_rerank_with_clip_sorts_by_clip_score(tmp_path):
   as_array = np.stack([np.asarray(im) for im in images])
   loaded = dalle_flax.rerank_with_clip(as_array, "a red fox", model=model, processor=processor)
   assert [np.asarray(im).tobytes() for im in loaded] == [np.asarray(im).tobytes() for im in ranked]
+
+
+def test_2021_seed_model_through_the_pipeline_and_cli_with_its_own_text_length(tmp_path, capsys):
+  seed_model, vqgan = SHARED / "bart2021-seed", SHARED / "vqgan-f16-like"
+  if not seed_model.is_dir():
+    pytest.skip("the shared golden fixtures are not available")
+  from dalle_flax import DalleMiniProcessor
+
+  processor = DalleMiniProcessor.from_pretrained(seed_model)
+  # min(128 as the 2021 notebook, the fixture's 32 positions), not the DALL·E mini default of 64
+  assert processor.max_text_length == 32 and not processor.normalize_text
+  long_prompt = " ".join(["a red apple on a wooden table"] * 10)
+  assert processor([long_prompt])["input_ids"].shape == (1, 32)
+  seed_pipe = dalle_flax.pipeline("text-to-image", model=str(seed_model), vqgan=str(vqgan))
+  seed_pipe.set_progress_bar_config(disable=True)
+  assert seed_pipe.processor.max_text_length == seed_pipe.model.text_model.config.max_text_length == 32
+  images = seed_pipe([long_prompt, "a red apple"], seed=0)
+  assert [len(per_prompt) for per_prompt in images] == [1, 1]
+  second = str(image_seeds(0, 2)[1])  # image 1 of the call, regenerated alone by the CLI
+  assert cli.main(["generate", "a red apple", "--model", str(seed_model), "--vqgan", str(vqgan), "--seed", second,
+                   "--out", str(tmp_path), "--no-progress"]) == 0
+  written = Path(capsys.readouterr().out.split()[-1])
+  np.testing.assert_array_equal(np.asarray(Image.open(written)), np.asarray(images[1][0]))
