@@ -10,12 +10,16 @@ Commands::
       [--dtype {float32,bfloat16,float16}] [--no-progress]
   dalle-flax convert TEXT_MODEL [--vqgan V] [--revision R] [--vqgan-revision R] --out DIR
   dalle-flax serve [--model M] [--vqgan V] [--revision R] [--dtype D] [--host H] [--port P]
+  dalle-flax encode SOURCE --vqgan V --out DIR [--source-type T] [--batch-size B] [--shard-size S]
+      [--min-size M] [--on-bad-image {skip,error}] [--push-to-hub REPO] [--no-progress]
 
 ``generate`` writes one PNG per image (``<prompt>_<seed>.png``; one ``<prompt>_grid_<seed>.png``
 per prompt with ``--grid``/``--seamless``) and prints their paths, one per line; rerun with
 ``--seed <seed> --num-images 1`` to get one image again. ``convert`` turns a released two-repo
 checkpoint (text model + VQGAN, msgpack) into one safetensors pipeline folder. ``serve`` loads
 the model once, prints the demo's URL and serves it (``dalle_flax.web``) until Ctrl-C.
+``encode`` turns captioned images into the parquet shards fine-tuning reads
+(``dalle_flax.training.encode``), prints a summary, and resumes when run again.
 
 Errors (bad model path, unreachable Hub, bad values) print one line to stderr and exit with
 status 1 (2 for bad command-line syntax); ``--traceback`` shows the full traceback.
@@ -172,6 +176,34 @@ def build_parser() -> argparse.ArgumentParser:
       help="address to bind (default: 127.0.0.1, reachable from this machine only)")
   add("--port", type=_port, default=8000, help="port to bind; 0 picks a free one (default: 8000)")
   serve.set_defaults(func=_serve)
+
+  encode = commands.add_parser(
+      "encode", help="encode captioned images with a VQGAN into parquet shards for fine-tuning",
+      description="Encode (image, caption) pairs with the VQGAN into parquet shards (caption, "
+                  "encoding), with a dataset card; run it again to resume an interrupted run.")
+  add = encode.add_argument
+  add("source", metavar="SOURCE",
+      help="a folder of images with same-stem .txt captions, a folder with metadata.jsonl/.csv "
+           "(file_name + caption), .tar shards (key.jpg + key.txt), or a datasets dataset")
+  add("--vqgan", required=True, help="VQGAN folder or repo id, e.g. dalle-mini/vqgan_imagenet_f16_16384")
+  add("--out", type=Path, required=True, help="output folder; the same folder resumes a run")
+  add("--source-type", choices=("folder", "imagefolder", "webdataset", "datasets"),
+      help="the kind of SOURCE (default: detected from its files)")
+  add("--image-column", help="image column of a datasets dataset (default: image)")
+  add("--caption-column", help="caption column of a metadata file or datasets dataset "
+                               "(default: whichever of caption / text exists)")
+  add("--split", default="train", help="split of a datasets dataset (default: train)")
+  add("--batch-size", type=_positive_int, default=64,
+      help="images per VQGAN call, split over the local devices (default: 64)")
+  add("--shard-size", type=_positive_int, default=2048, help="inputs per parquet shard (default: 2048)")
+  add("--min-size", type=_non_negative_int,
+      help="skip images whose shorter side is smaller (default: half the VQGAN resolution)")
+  add("--on-bad-image", choices=("skip", "error"), default="skip",
+      help="skip and count unusable inputs, or stop at the first (default: skip)")
+  add("--push-to-hub", metavar="REPO", help="upload the finished folder as this Hub dataset repo")
+  add("--private", action="store_true", help="create the --push-to-hub repo as private")
+  add("--no-progress", action="store_true", help="no progress bar")
+  encode.set_defaults(func=_encode)
   return parser
 
 
@@ -237,6 +269,26 @@ def _serve(args: argparse.Namespace) -> int:
   pipe.set_progress_bar_config(disable=True)
   logging.getLogger("dalle_flax.web").setLevel(logging.INFO)  # one log line per request
   serve(pipe, args.host, args.port, on_ready=lambda url: print(url, flush=True))
+  return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+  from .training.encode import encode_dataset
+
+  summary = encode_dataset(
+      args.source, vqgan=args.vqgan, out=args.out, source_type=args.source_type,
+      image_column=args.image_column, caption_column=args.caption_column, split=args.split,
+      batch_size=args.batch_size, shard_size=args.shard_size, min_size=args.min_size,
+      on_bad_image=args.on_bad_image, push_to_hub=args.push_to_hub,
+      private=True if args.private else None, progress=not args.no_progress)
+  skipped = ", ".join(f"{reason} {count:,}" for reason, count in summary.skipped.items())
+  now = (f"{summary.shards_encoded} encoded now at {summary.images_per_second:.1f} images/s"
+         if summary.shards_encoded else "none left to encode")
+  print(f"wrote {summary.written:,} rows of {summary.num_inputs:,} inputs to {summary.out} "
+        f"({summary.shards_done} of {summary.num_shards} shards; {now})")
+  print(f"skipped: {skipped or 'none'}")
+  if summary.pushed:
+    print(summary.pushed)
   return 0
 
 
