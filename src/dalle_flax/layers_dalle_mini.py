@@ -405,46 +405,50 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
   """Causal self-attention + cross-attention + feed-forward layer of the image decoder.
 
-  ``mode`` picks the entry point (one module class so that ``nn.scan`` lifts one function):
+  Three entry points, each ``(carry, *xs) -> (carry, out)`` so that ``nn.scan`` lifts them
+  (see :class:`DecoderStack`); they differ only in how self-attention sees its keys:
 
-  * ``"full"``: teacher forcing, ``(x, encoder_out, text_mask, self_mask, positions)``.
-  * ``"cross_kv"``: ``(encoder_out,)`` -> cross-attention keys/values, computed once.
-  * ``"cached"``: a chunk of c tokens at ``position`` attending to a KV cache:
-    ``(x, past_k, past_v, cross_k, cross_v, text_mask, position)``; writes the chunk's
-    keys/values into the layer's cache and returns the updated cache keys/values.
+  * :meth:`__call__`: teacher forcing over the whole sequence.
+  * :meth:`cross_kv`: the cross-attention keys/values of the encoder output, computed once.
+  * :meth:`cached`: a chunk of tokens against this layer's KV cache.
   """
 
   spec: BlockSpec
   add_norm: bool = False
   use_scale: bool = True
   deterministic: bool = True
-  mode: str = "full"
 
-  @nn.compact
-  def __call__(self, x: Array, *args: Any) -> tuple[Array, Any]:
-    spec = self.spec
-    self_attn = Attention(spec, deterministic=self.deterministic, name="FlaxBartAttention_0")
-    cross_attn = Attention(spec, is_cross=True, deterministic=self.deterministic, name="FlaxBartAttention_1")
-    if self.mode == "cross_kv":
-      return x, cross_attn.key_value(x)  # x is the encoder output, passed through
-    if self.mode == "full":
-      encoder_out, text_mask, self_mask, positions = args
-      cross_k, cross_v = cross_attn.key_value(encoder_out)
-    else:
-      past_k, past_v, cross_k, cross_v, text_mask, position = args
-      positions = position + jnp.arange(x.shape[1])
-      self_mask = None
+  def setup(self) -> None:
+    self.self_attn = Attention(self.spec, deterministic=self.deterministic, name="FlaxBartAttention_0")
+    self.cross_attn = Attention(self.spec, is_cross=True, deterministic=self.deterministic,
+                                name="FlaxBartAttention_1")
+
+  def __call__(self, x: Array, encoder_out: Array, text_mask: Array, self_mask: Array | None,
+               positions: Array) -> tuple[Array, None]:
+    """Teacher forcing: (b, n, d) at positions (n,), key masks (b, 1, 1, t|n) -> ((b, n, d), None)."""
     causal = (positions[None, :] <= positions[:, None])[None, None]  # (1, 1, n, n)
     if self_mask is not None:
       causal = causal & self_mask
-    cross_positions = jnp.arange(cross_k.shape[2])
-    norm = NormNamer(spec)
+
+    def self_attention(h: Array) -> Array:
+      k, v = self.self_attn.key_value(h)
+      return self.self_attn.attend(self.self_attn.query(h), [KeySegment(k, v, positions, causal)], positions)
+
+    cross_k, cross_v = self.cross_attn.key_value(encoder_out)
+    return self._block(x, self_attention, cross_k, cross_v, text_mask, positions), None
+
+  def cross_kv(self, encoder_out: Array) -> tuple[Array, tuple[Array, Array]]:
+    """(b, t, d) -> (encoder_out passed through, cross-attention keys, values (b, h, t, hd))."""
+    return encoder_out, self.cross_attn.key_value(encoder_out)
+
+  def cached(self, x: Array, past_k: Array, past_v: Array, cross_k: Array, cross_v: Array, text_mask: Array,
+             position: Array) -> tuple[Array, tuple[Array, Array]]:
+    """(b, c, d) at ``position + arange(c)``, cache (b, h, slots, hd) -> ((b, c, d), updated cache k, v)."""
+    positions = position + jnp.arange(x.shape[1])
     new_kv: list[Array] = []
 
     def self_attention(h: Array) -> Array:
-      k, v = self_attn.key_value(h)  # (b, h, c, hd)
-      if self.mode != "cached":
-        return self_attn.attend(self_attn.query(h), [KeySegment(k, v, positions, causal)], positions)
+      k, v = self.self_attn.key_value(h)  # (b, h, c, hd)
       # Write the chunk into the cache first, then attend over the whole cache: the cache is
       # only read after the write, so XLA updates it in place (no per-step copy).
       start = (0, 0, position, 0)
@@ -453,11 +457,20 @@ class DecoderLayer(nn.Module):
       new_kv.extend((cache_k, cache_v))
       slots = jnp.arange(past_k.shape[2])
       visible = (slots[None, :] <= positions[:, None])[None, None]  # (1, 1, c, slots)
-      return self_attn.attend(self_attn.query(h), [KeySegment(cache_k, cache_v, slots, visible)], positions)
+      return self.self_attn.attend(self.self_attn.query(h), [KeySegment(cache_k, cache_v, slots, visible)], positions)
+
+    return self._block(x, self_attention, cross_k, cross_v, text_mask, positions), tuple(new_kv)
+
+  @nn.compact
+  def _block(self, x: Array, self_attention: Callable[[Array], Array], cross_k: Array, cross_v: Array,
+             text_mask: Array, positions: Array) -> Array:
+    """The layer around ``self_attention``: residual sublayers, feed-forward and norms."""
+    spec = self.spec
+    norm = NormNamer(spec)
+    cross = KeySegment(cross_k, cross_v, jnp.arange(cross_k.shape[2]), text_mask)
 
     def cross_attention(h: Array) -> Array:
-      segment = KeySegment(cross_k, cross_v, cross_positions, text_mask)
-      return cross_attn.attend(cross_attn.query(h), [segment], positions)
+      return self.cross_attn.attend(self.cross_attn.query(h), [cross], positions)
 
     # The original decoder has no pre-attention norm for subln (reference §2.4, note ‡).
     pre = spec.ln_positions in PRE_ATTN and spec.ln_positions != "subln"
@@ -467,7 +480,7 @@ class DecoderLayer(nn.Module):
     x = x * spec.residual_gain + FeedForward(spec, self.deterministic, name=ffn_name)(x)
     if self.add_norm:
       x = norm(self.use_scale or spec.force_ln_scale)(x)
-    return x, (tuple(new_kv) if self.mode == "cached" else None)
+    return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -516,43 +529,56 @@ class EncoderStack(nn.Module):
     return x
 
 
-# Positional arguments after the carry, per decoder mode: broadcast, or sliced per layer (0).
-DECODER_IN_AXES = {
-    "full": (nn.broadcast,) * 4,  # encoder_out, text_mask, self_mask, positions
-    "cross_kv": (),
-    "cached": (0, 0, 0, 0, nn.broadcast, nn.broadcast),  # past k/v, cross k/v, text_mask, position
-}
-
-
 class DecoderStack(nn.Module):
-  """The decoder layers; ``mode`` selects the :class:`DecoderLayer` entry point.
-
-  Per-layer outputs (cross or chunk keys/values) come back stacked: (layers, b, h, m, hd).
-  """
+  """The decoder layers, scanned (``FlaxBartDecoderLayers``) or unrolled (``..._{i}``), with
+  the three :class:`DecoderLayer` entry points: :meth:`__call__`, :meth:`cross_kv`, :meth:`cached`."""
 
   stack: StackSpec
   deterministic: bool = True
 
-  @nn.compact
-  def __call__(self, mode: str, x: Array, *args: Any) -> tuple[Array, Any]:
+  def setup(self) -> None:
     block, num = self.stack.block, self.stack.num_layers
     layer = DecoderLayer
-    if self.stack.remat and mode == "full":  # remat only matters when differentiating
+    if self.stack.remat:  # nn.remat lifts __call__ only, the one entry point that is differentiated
       layer = nn.remat(DecoderLayer, prevent_cse=not self.stack.use_scan)
     if self.stack.use_scan:
-      scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=DECODER_IN_AXES[mode], length=num)
-      return scanned(block, block.ln_positions == "postln", True, self.deterministic, mode,
-                     name="FlaxBartDecoderLayers")(x, *args)
-    sliced = sum(1 for axis in DECODER_IN_AXES[mode] if axis == 0)
-    outputs = []
-    for i in range(num):
-      layer_args = [a[i] for a in args[:sliced]] + list(args[sliced:])
-      x, out = layer(block, adds_norm(block.ln_positions, i, num), i != num - 1, self.deterministic, mode,
-                     name=f"FlaxBartDecoderLayer_{i}")(x, *layer_args)
-      outputs.append(out)
-    if outputs[0] is None:
-      return x, None
-    if mode == "cached":  # per-layer caches stay separate arrays (see DecoderCache)
-      return x, tuple(zip(*outputs))
-    return x, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+      lifted = dict(variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True}, length=num)
+      layer = nn.scan(layer, methods={  # in_axes of the arguments after the carry
+          "__call__": dict(lifted, in_axes=(nn.broadcast,) * 4),  # encoder_out, text_mask, self_mask, positions
+          "cross_kv": dict(lifted, in_axes=()),
+          "cached": dict(lifted, in_axes=(0, 0, 0, 0, nn.broadcast, nn.broadcast)),  # caches; text_mask, position
+      })
+      self.scanned = layer(block, block.ln_positions == "postln", True, self.deterministic,
+                           name="FlaxBartDecoderLayers")
+    else:
+      self.unrolled = [layer(block, adds_norm(block.ln_positions, i, num), i != num - 1, self.deterministic,
+                             name=f"FlaxBartDecoderLayer_{i}") for i in range(num)]
+
+  def __call__(self, x: Array, encoder_out: Array, text_mask: Array, self_mask: Array | None,
+               positions: Array) -> Array:
+    """Teacher forcing through every layer (see :meth:`DecoderLayer.__call__`): (b, n, d) -> (b, n, d)."""
+    if self.stack.use_scan:
+      return self.scanned(x, encoder_out, text_mask, self_mask, positions)[0]
+    for layer in self.unrolled:
+      x, _ = layer(x, encoder_out, text_mask, self_mask, positions)
+    return x
+
+  def cross_kv(self, encoder_out: Array) -> tuple[Array, Array]:
+    """(b, t, d) -> cross-attention keys, values stacked (layers, b, h, t, hd)."""
+    if self.stack.use_scan:
+      return self.scanned.cross_kv(encoder_out)[1]
+    keys, values = zip(*(layer.cross_kv(encoder_out)[1] for layer in self.unrolled))
+    return jnp.stack(keys), jnp.stack(values)
+
+  def cached(self, x: Array, self_key: Any, self_value: Any, cross_key: Any, cross_value: Any, text_mask: Array,
+             position: Array) -> tuple[Array, tuple[Any, Any]]:
+    """A chunk through every layer (:meth:`DecoderLayer.cached`) -> (x, (keys, values)); caches are
+    stacked (layers, b, h, m, hd) when scanned, per-layer tuples when unrolled (see ``DecoderCache``)."""
+    if self.stack.use_scan:
+      return self.scanned.cached(x, self_key, self_value, cross_key, cross_value, text_mask, position)
+    new_kv = []
+    for layer, *layer_cache in zip(self.unrolled, self_key, self_value, cross_key, cross_value):
+      x, kv = layer.cached(x, *layer_cache, text_mask, position)
+      new_kv.append(kv)
+    keys, values = zip(*new_kv)
+    return x, (keys, values)

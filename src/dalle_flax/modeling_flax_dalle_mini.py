@@ -273,13 +273,12 @@ class Decoder(nn.Module):
     """Teacher forcing from position 0: (b, n) ids -> (b, n, d) hidden states."""
     positions = jnp.arange(ids.shape[1])
     self_mask = None if self_mask is None else _key_mask(self_mask)
-    x, _ = self.layers("full", self._embed(ids, positions), encoder_out, _key_mask(text_mask), self_mask, positions)
+    x = self.layers(self._embed(ids, positions), encoder_out, _key_mask(text_mask), self_mask, positions)
     return self._final(x)
 
   def cross_kv(self, encoder_out: Array) -> tuple[Array, Array]:
     """(b, t, d) -> cross-attention keys, values (layers, b, h, t, hd)."""
-    _, kv = self.layers("cross_kv", encoder_out)
-    return kv
+    return self.layers.cross_kv(encoder_out)
 
   def cached(self, ids: Array, position: Array, cache: DecoderCache) -> tuple[Array, Array, Array]:
     """A chunk of c tokens at positions ``position + arange(c)`` against the cache.
@@ -289,9 +288,8 @@ class Decoder(nn.Module):
       (layers, b, h, positions, hd) when scanned, else per-layer tuples).
     """
     x = self._embed(ids, position + jnp.arange(ids.shape[1]))
-    x, (keys, values) = self.layers(
-        "cached", x, cache.self_key, cache.self_value, cache.cross_key, cache.cross_value,
-        _key_mask(cache.text_mask), position)
+    x, (keys, values) = self.layers.cached(x, cache.self_key, cache.self_value, cache.cross_key,
+                                           cache.cross_value, _key_mask(cache.text_mask), position)
     return self._final(x), keys, values
 
 
