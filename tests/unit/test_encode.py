@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -151,6 +152,10 @@ def test_datasets_source_gives_the_folder_codes(tmp_path, vqgan):
   _run(tmp_path / "saved", tmp_path / "a", vqgan, image_column="picture", caption_column="label")
   _run(folder, tmp_path / "b", vqgan)
   assert _rows(tmp_path / "a") == _rows(tmp_path / "b")
+  datasets.DatasetDict({"train": dataset, "test": dataset.select([2])}).save_to_disk(str(tmp_path / "dict"))
+  summary = _run(tmp_path / "dict", tmp_path / "c", vqgan, image_column="picture", caption_column="label",
+                 split="test")
+  assert summary.num_inputs == 1 and _rows(tmp_path / "c") == _rows(tmp_path / "b")[2:]
 
 
 def test_datasets_source_without_the_package_says_how_to_install(tmp_path, monkeypatch):
@@ -302,12 +307,34 @@ def _subprocess_env(jax_cache, **extra):
 def test_batches_are_split_over_local_devices(tmp_path, vqgan, jax_cache):
   src = _folder(tmp_path / "src", 5)
   _run(src, tmp_path / "ref", vqgan, batch_size=3)
-  script = ("import jax, sys; from dalle_flax.training.encode import encode_dataset; "
-            "assert jax.local_device_count() == 4; "
-            "encode_dataset(sys.argv[1], vqgan=sys.argv[2], out=sys.argv[3], batch_size=3, progress=False)")
+  script = ("import jax, sys; from dalle_flax.training import encode; real = encode._encode_codes\n"
+            "def spy(module, params, pixels):\n"
+            "  assert pixels.shape[0] == 4 and pixels.sharding.shard_shape(pixels.shape)[0] == 1, pixels.sharding\n"
+            "  return real(module, params, pixels)\n"
+            "encode._encode_codes = spy; assert jax.local_device_count() == 4\n"
+            "encode.encode_dataset(sys.argv[1], vqgan=sys.argv[2], out=sys.argv[3], batch_size=3, progress=False)")
   env = _subprocess_env(jax_cache, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   subprocess.run([sys.executable, "-c", script, src, TINY_VQGAN, tmp_path / "out"], env=env,
                  check=True, timeout=300)
+  assert _shard_bytes(tmp_path / "out") == _shard_bytes(tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_two_jax_processes_write_the_one_process_shards(tmp_path, vqgan, jax_cache):
+  """A real jax.distributed cluster of two processes on this machine, no coordination beyond it."""
+  src = _folder(tmp_path / "src", 5)
+  _run(src, tmp_path / "ref", vqgan, shard_size=2)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  script = ("import jax, sys; jax.distributed.initialize(f'127.0.0.1:{sys.argv[4]}', 2, int(sys.argv[5]))\n"
+            "from dalle_flax.training.encode import encode_dataset\n"
+            "encode_dataset(sys.argv[1], vqgan=sys.argv[2], out=sys.argv[3], batch_size=4, shard_size=2, "
+            "progress=False)")
+  argv = [sys.executable, "-c", script, str(src), str(TINY_VQGAN), str(tmp_path / "out"), str(port)]
+  processes = [subprocess.Popen([*argv, str(i)], env=_subprocess_env(jax_cache, JAX_PLATFORMS="cpu"))
+               for i in range(2)]
+  assert [p.wait(timeout=300) for p in processes] == [0, 0]
   assert _shard_bytes(tmp_path / "out") == _shard_bytes(tmp_path / "ref")
 
 
@@ -317,6 +344,7 @@ def test_cli_killed_mid_run_resumes_to_identical_shards(tmp_path, jax_cache, cap
   src, ref = _folder(tmp_path / "src", 6, sizes=[(64, 64)] * 6), tmp_path / "ref"
   args = ["--vqgan", str(TINY_VQGAN), "--shard-size", "2", "--batch-size", "2", "--no-progress"]
   assert cli.main(["encode", str(src), "--out", str(ref), *args]) == 0
+  assert "img/s" not in capsys.readouterr().err  # --no-progress
   real = (src / "02.png").read_bytes()
   (src / "02.png").unlink()
   os.mkfifo(src / "02.png")
