@@ -12,6 +12,7 @@ Commands::
   dalle-flax serve [--model M] [--vqgan V] [--revision R] [--dtype D] [--host H] [--port P]
   dalle-flax encode SOURCE --vqgan V --out DIR [--source-type T] [--batch-size B] [--shard-size S]
       [--min-size M] [--on-bad-image {skip,error}] [--push-to-hub REPO] [--no-progress]
+  dalle-flax train [CONFIG.json|yaml] --model M --train-data DIR --output-dir DIR [--max-steps N] ...
 
 ``generate`` writes one PNG per image (``<prompt>_<seed>.png``; one ``<prompt>_grid_<seed>.png``
 per prompt with ``--grid``/``--seamless``) and prints their paths, one per line; rerun with
@@ -19,7 +20,9 @@ per prompt with ``--grid``/``--seamless``) and prints their paths, one per line;
 checkpoint (text model + VQGAN, msgpack) into one safetensors pipeline folder. ``serve`` loads
 the model once, prints the demo's URL and serves it (``dalle_flax.web``) until Ctrl-C.
 ``encode`` turns captioned images into the parquet shards fine-tuning reads
-(``dalle_flax.training.encode``), prints a summary, and resumes when run again.
+(``dalle_flax.training.encode``), prints a summary, and resumes when run again. ``train``
+fine-tunes on those shards (``dalle_flax.training.train``; every ``TrainingArguments`` field is a
+flag) and leaves a pipeline folder in ``--output-dir``; running it again resumes.
 
 Errors (bad model path, unreachable Hub, bad values) print one line to stderr and exit with
 status 1 (2 for bad command-line syntax); ``--traceback`` shows the full traceback.
@@ -204,7 +207,39 @@ def build_parser() -> argparse.ArgumentParser:
   add("--private", action="store_true", help="create the --push-to-hub repo as private")
   add("--no-progress", action="store_true", help="no progress bar")
   encode.set_defaults(func=_encode)
+
+  train = commands.add_parser(
+      "train", help="fine-tune a text model on encoded shards (resumes when run again)",
+      description="Fine-tune (or train from scratch) on `dalle-flax encode` output; CONFIG is a JSON "
+                  "or YAML file of the same settings, which flags override. Running again on the "
+                  "same --output-dir resumes from its newest checkpoint.")
+  train.add_argument("config", nargs="?", metavar="CONFIG", help="a .json / .yaml file of settings")
+  _add_training_flags(train)
+  train.set_defaults(func=_train)
   return parser
+
+
+def _add_training_flags(parser: argparse.ArgumentParser) -> None:
+  """One flag per TrainingArguments field (``--max-steps`` and ``--max_steps``); unset flags keep
+  the CONFIG file's value, then the field's default."""
+  import dataclasses
+
+  from .training.arguments import TrainingArguments
+
+  parsers = {"int": _int, "float": _finite_float, "str": str}
+  for field in dataclasses.fields(TrainingArguments):
+    names = [f"--{field.name.replace('_', '-')}"] + ([f"--{field.name}"] if "_" in field.name else [])
+    kind = str(field.type).replace(" | None", "")
+    default = field.default if field.default is not dataclasses.MISSING else None
+    shown = f" (default: {default})" if default not in (None, "", ()) else ""
+    if kind == "bool":
+      parser.add_argument(*names, dest=field.name, action="store_true", default=argparse.SUPPRESS,
+                          help=f"{field.name.replace('_', ' ')}{shown}")
+    elif kind.startswith("tuple"):
+      parser.add_argument(*names, dest=field.name, nargs="*", default=argparse.SUPPRESS, metavar="TEXT")
+    else:
+      parser.add_argument(*names, dest=field.name, type=parsers[kind], default=argparse.SUPPRESS,
+                          metavar=field.name.split("_")[-1].upper(), help=shown.strip(" ()") or None)
 
 
 def _slug(prompt: str, limit: int = 48) -> str:
@@ -289,6 +324,22 @@ def _encode(args: argparse.Namespace) -> int:
   print(f"skipped: {skipped or 'none'}")
   if summary.pushed:
     print(summary.pushed)
+  return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+  from .training import TrainingArguments, train
+  from .training.arguments import load_arguments_file
+
+  settings = load_arguments_file(args.config) if args.config else {}
+  skip = {"command", "func", "config", "traceback"}
+  settings.update({k: v for k, v in vars(args).items() if k not in skip})
+  result = train(TrainingArguments(**settings))
+  losses = {k: round(v, 4) for k, v in result.last_metrics.items() if k in ("loss", "accuracy")}
+  print(f"trained {result.steps} steps{' (resumed at ' + str(result.resumed_from) + ')' if result.resumed_from else ''}"
+        f"; last {losses}; pipeline in {result.output_dir}")
+  if result.pushed:
+    print(result.pushed)
   return 0
 
 

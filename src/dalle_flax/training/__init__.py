@@ -5,5 +5,24 @@ Example: ``dalle_flax.training.encode_dataset("photos/", vqgan="dalle-mini/vqgan
 Needs the ``[train]`` extra (optax, orbax-checkpoint, grain, pyarrow). Layout, one concept per
 file: ``sources`` (image + caption readers), ``encode`` (VQGAN encoding to parquet shards),
 ``data`` (grain batches of the encoded shards), ``optim`` (optax optimizers and schedules),
-``step`` (loss and the pure train / eval steps).
+``step`` (loss and the pure train / eval steps), ``checkpoint`` (orbax), ``arguments``
+(``TrainingArguments``) and ``trainer`` (:func:`train`, the loop).
 """
+
+from .arguments import TrainingArguments
+from .checkpoint import Checkpoints
+from .data import load_encoded_rows, make_dataset, prepare_batch
+from .encode import INFO_NAME, SKIP_REASONS, EncodeSummary, encode_dataset, push_encoded_dataset
+from .optim import OptimizerSettings, build_optimizer, learning_rate_schedule
+from .sources import SOURCE_TYPES, open_source
+from .step import (TrainState, abstract_train_state, init_train_state, loss_and_accuracy, make_eval_step,
+                   make_train_step, shard_batch)
+from .trainer import TrainResult, train
+
+__all__ = [
+    "INFO_NAME", "SKIP_REASONS", "SOURCE_TYPES", "Checkpoints", "EncodeSummary", "OptimizerSettings",
+    "TrainResult", "TrainState", "TrainingArguments", "abstract_train_state", "build_optimizer",
+    "encode_dataset", "init_train_state", "learning_rate_schedule", "load_encoded_rows", "loss_and_accuracy",
+    "make_dataset", "make_eval_step", "make_train_step", "open_source", "prepare_batch", "push_encoded_dataset",
+    "shard_batch", "train",
+]
