@@ -155,6 +155,18 @@ def test_rows_are_sharded_by_process(tmp_path, processor):
     load_encoded_rows(folder, tiny_config(), process_index=2, process_count=2)
 
 
+def test_process_slices_of_global_batches_equal_one_process(numbered, processor):
+  rows = load_encoded_rows(numbered, tiny_config())
+  kwargs = {"seed": 3, "blank_caption_prob": 0.5, "batch_size": 3}
+  one = batches(rows, processor, 5, **{**kwargs, "batch_size": 6})  # crosses an epoch (4 batches of 6)
+  parts = [batches(rows, processor, 5, process_slice=(i, 2), **kwargs) for i in range(2)]
+  for whole, first, second in zip(one, *parts):
+    for key in whole:
+      np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), whole[key])
+  with pytest.raises(ValueError, match="process_slice must be"):
+    batches(rows, processor, 1, process_slice=(2, 2), **kwargs)
+
+
 def test_restored_iterator_state_gives_exactly_the_next_batches(numbered, processor):
   rows = load_encoded_rows(numbered, tiny_config())
   kwargs = {"seed": 5, "blank_caption_prob": 0.5, "batch_size": 5}  # 4 batches per epoch: cross one

@@ -173,6 +173,8 @@ class DalleMiniPipelineModel:
     self.config = DalleMiniConfig(text_config=text_model.config, vqgan_config=vqgan.config)
     self.config.architectures = [type(self).__name__]
     self.name_or_path = str(name_or_path)
+    # How the text model was fine-tuned (set by dalle_flax.training.train; shown in the card).
+    self.training_info: dict[str, Any] | None = None
 
   def __repr__(self) -> str:
     return (f"{type(self).__name__}(name_or_path={self.name_or_path!r}, "
@@ -341,7 +343,7 @@ class DalleMiniPipelineModel:
         vqgan_config=self.config.vqgan_config, image_size=self.config.image_size,
         text_parameters=self.text_model.num_parameters(),
         vqgan_parameters=self.vqgan.num_parameters(), base_model=base_model,
-        tags=list(tags or ()))
+        tags=list(tags or ()), training=self.training_info)
 
   def push_to_hub(
       self, repo_id: str, *, commit_message: str | None = None,

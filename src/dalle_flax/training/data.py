@@ -216,7 +216,8 @@ def prepare_batch(captions: Sequence[str], codes: np.ndarray, processor: Any, de
 
 def make_dataset(rows: EncodedRows, processor: Any, config: Any, *, batch_size: int, seed: int = 0,
                  blank_caption_prob: float = 0.1, shuffle: bool = True, num_epochs: int | None = None,
-                 drop_remainder: bool = True, num_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
+                 drop_remainder: bool = True, num_threads: int = 2, prefetch: int = 4,
+                 process_slice: tuple[int, int] | None = None) -> grain.IterDataset:
   """The batches of ``rows`` as a grain dataset; ``iter()`` of it is checkpointable.
 
   Args:
@@ -233,6 +234,12 @@ def make_dataset(rows: EncodedRows, processor: Any, config: Any, *, batch_size: 
     num_epochs: None repeats forever (training); 1 for one evaluation pass.
     drop_remainder: drop each epoch's last partial batch (keeps shapes, so nothing recompiles).
     num_threads, prefetch: grain's reader threads and batches read ahead.
+    process_slice: ``(process_index, process_count)`` when ``rows`` are *all* the rows (every
+      process loads them, ``load_encoded_rows(..., process_index=0, process_count=1)``): the
+      dataset then forms global batches of ``batch_size * process_count`` rows in the global
+      shuffled order and yields this process's ``batch_size`` of each, so any number of
+      processes sees exactly the batches of one process with the global batch size. Only the
+      kept rows are normalized and tokenized.
 
   Returns:
     A ``grain.IterDataset`` of batch dicts (see :func:`prepare_batch`). Its iterator has
@@ -245,8 +252,12 @@ def make_dataset(rows: EncodedRows, processor: Any, config: Any, *, batch_size: 
     raise ValueError(f"blank_caption_prob must be in [0, 1], got {blank_caption_prob}.")
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}.")
-  if batch_size < 1 or (drop_remainder and batch_size > len(rows)):
-    raise ValueError(f"batch_size must be in [1, {len(rows)}] (this process's rows), got {batch_size}.")
+  index, count = process_slice or (0, 1)
+  if not 0 <= index < count:
+    raise ValueError(f"process_slice must be (index, count) with 0 <= index < count, got {process_slice}.")
+  if batch_size < 1 or (drop_remainder and batch_size * count > len(rows)):
+    raise ValueError(f"batch_size must be in [1, {len(rows) // count}] ({len(rows)} rows shared by {count} "
+                     f"process(es)), got {batch_size}.")
   for name in ("max_text_length", "normalize_text"):
     if getattr(processor, name) != getattr(config, name):
       raise ValueError(f"processor.{name} is {getattr(processor, name)!r} but config.{name} is "
@@ -255,34 +266,36 @@ def make_dataset(rows: EncodedRows, processor: Any, config: Any, *, batch_size: 
   ds = grain.MapDataset.source(rows)
   if shuffle:
     ds = ds.shuffle(seed=int(np.random.SeedSequence([seed, 0]).generate_state(1)[0]))
-  ds = ds.map_with_index(_CaptionPicker(processor.normalize, blank_caption_prob, seed, len(rows)))
-  collate = _Collate(processor, config.decoder_start_token_id)
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
+  ds = ds.map_with_index(_CaptionPicker(blank_caption_prob, seed, len(rows)))
+  collate = _Collate(processor, config.decoder_start_token_id, slice(index * batch_size, (index + 1) * batch_size))
+  ds = ds.batch(batch_size * count, drop_remainder=drop_remainder, batch_fn=collate)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
 
 
 class _CaptionPicker:
-  """``(index, row) -> (caption, codes)``: the normalized caption, or ``""`` when the row's draw
-  for this epoch falls under ``prob``. ``index // rows`` is the epoch (grain's repeat)."""
+  """``(index, row) -> (caption or None, codes)``: None when the row's draw for this epoch falls
+  under ``prob`` (a blank caption). ``index // rows`` is the epoch (grain's repeat)."""
 
-  def __init__(self, normalize: Callable[[str], str], prob: float, seed: int, rows: int):
-    self.normalize, self.prob, self.seed, self.rows = normalize, prob, seed, rows
+  def __init__(self, prob: float, seed: int, rows: int):
+    self.prob, self.seed, self.rows = prob, seed, rows
 
-  def __call__(self, index: int, row: tuple[int, str, np.ndarray]) -> tuple[str, np.ndarray]:
+  def __call__(self, index: int, row: tuple[int, str, np.ndarray]) -> tuple[str | None, np.ndarray]:
     row_id, caption, codes = row
     draw = np.random.default_rng([self.seed, 1, row_id, index // self.rows]).random()
-    return ("" if draw < self.prob else self.normalize(caption)), codes
+    return (None if draw < self.prob else caption), codes
 
 
 class _Collate:
-  """grain ``batch_fn``: a list of ``(caption, codes)`` -> :func:`prepare_batch`'s dict."""
+  """grain ``batch_fn``: this process's part of a list of ``(caption or None, codes)`` ->
+  :func:`prepare_batch`'s dict (captions normalized here, blanks become ``""``)."""
 
-  def __init__(self, processor: Any, decoder_start_token_id: int):
-    self.processor, self.start = processor, decoder_start_token_id
+  def __init__(self, processor: Any, decoder_start_token_id: int, part: slice):
+    self.processor, self.start, self.part = processor, decoder_start_token_id, part
 
-  def __call__(self, items: Sequence[tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    captions = [caption for caption, _ in items]
+  def __call__(self, items: Sequence[tuple[str | None, np.ndarray]]) -> dict[str, np.ndarray]:
+    items = items[self.part]
+    captions = ["" if caption is None else self.processor.normalize(caption) for caption, _ in items]
     codes = np.stack([codes for _, codes in items])
     return prepare_batch(captions, codes, self.processor, self.start, normalize=False)

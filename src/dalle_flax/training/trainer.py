@@ -43,7 +43,8 @@ from .arguments import TrainingArguments, parse_mesh
 from .checkpoint import Checkpoints
 from .data import load_encoded_rows, make_dataset
 from .optim import build_optimizer, learning_rate_schedule
-from .step import abstract_train_state, init_train_state, make_eval_step, make_train_step, shard_batch
+from .step import (abstract_train_state, init_train_state, make_eval_step, make_train_step, merged_params,
+                   shard_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ __all__ = ["TrainResult", "train"]
 METRICS_FILE, ARGS_FILE = "metrics.jsonl", "training_args.json"
 # Settings a resumed run must share with the run that wrote the checkpoints.
 _RESUME_KEYS = ("model", "train_data", "from_scratch", "train_batch_size", "seed", "blank_caption_prob",
-                "optimizer", "gradient_accumulation_steps", "trainable", "mesh")
+                "optimizer", "gradient_accumulation_steps", "trainable", "lora_rank", "lora_alpha", "mesh")
 
 
 @dataclasses.dataclass
@@ -93,30 +94,32 @@ def train(args: TrainingArguments) -> TrainResult:
   model = FlaxDalleMiniForConditionalGeneration(config, dtype=jnp.dtype(args.dtype), _do_init=False)
   processor = components.processor
 
-  # 2. Data: this process's rows, validated before anything compiles.
+  # 2. Data, validated before anything compiles: every process reads all rows and keeps its
+  #    slice of each global batch, so the batches do not depend on the number of processes.
   per_process = args.train_batch_size // jax.process_count()
-  rows = load_encoded_rows(args.train_data, config)
+  rows = load_encoded_rows(args.train_data, config, process_index=0, process_count=1)
   iterator = iter(make_dataset(rows, processor, config, batch_size=per_process, seed=args.seed,
-                               blank_caption_prob=args.blank_caption_prob))
-  eval_rows = load_encoded_rows(args.eval_data, config) if args.eval_data else None
+                               blank_caption_prob=args.blank_caption_prob, process_slice=_process_slice()))
+  eval_rows = load_encoded_rows(args.eval_data, config, process_index=0, process_count=1) if args.eval_data else None
 
   # 3. State: fresh, or the newest checkpoint (which also repositions the data iterator).
   settings = args.optimizer_settings()
   optimizer = build_optimizer(settings)
+  lora = args.lora_settings()  # None: the weights train; else only LoRA adapters (merged for eval and export)
   schedule = learning_rate_schedule(settings)
   checkpoints = Checkpoints(output_dir / "checkpoints", save_every=args.save_steps, keep=args.save_total_limit)
   resumed_from = checkpoints.latest_step
   if resumed_from is not None:
-    state = checkpoints.restore(resumed_from, abstract_train_state(model.params_shape_tree, optimizer, mesh),
+    state = checkpoints.restore(resumed_from, abstract_train_state(model.params_shape_tree, optimizer, mesh, lora=lora),
                                 iterator)
     logger.info("Resuming %s from step %d", output_dir, resumed_from)
   else:
     params = None if args.from_scratch else components.text_model.params
-    state = init_train_state(model, params, optimizer, mesh, seed=args.seed)
+    state = init_train_state(model, params, optimizer, mesh, seed=args.seed, lora=lora)
   components.text_model.params = None  # the state holds the only copy from here on
-  start = int(state.step)
+  start = int(_to_host(state.step))
   metrics_log = _MetricsLog(output_dir / METRICS_FILE, keep_until=start)
-  train_step = make_train_step(model, optimizer, mesh, trainable=settings.trainable)
+  train_step = make_train_step(model, optimizer, mesh, trainable=settings.trainable, lora=lora)
   eval_step = make_eval_step(model, mesh) if eval_rows is not None else None
 
   # 4. The loop.
@@ -131,27 +134,28 @@ def train(args: TrainingArguments) -> TrainResult:
       window_steps += 1
       if step % args.logging_steps == 0 or step == args.max_steps:
         elapsed = time.perf_counter() - window_start
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        last = {k: float(v) for k, v in _to_host(metrics).items()}
         last["learning_rate"] = float(schedule(step // settings.gradient_accumulation_steps))
         last["samples_per_second"] = window_steps * args.train_batch_size / max(elapsed, 1e-9)
         metrics_log.write({"step": step, **last})
         bar.set_postfix(loss=f"{last['loss']:.4f}")
         window_start, window_steps = time.perf_counter(), 0
       if eval_step is not None and args.eval_steps and step % args.eval_steps == 0:
-        last_eval = _evaluate(eval_step, state.params, eval_rows, processor, config, args, mesh)
+        last_eval = _evaluate(eval_step, merged_params(state, lora), eval_rows, processor, config, args, mesh)
         metrics_log.write({"step": step, **last_eval})
-        _write_samples(components, state.params, args, output_dir, step)
+        _write_samples(components, merged_params(state, lora), args, output_dir, step)
       checkpoints.save(step, state, iterator, force=step == args.max_steps)
       if args.export_steps and step % args.export_steps == 0 and step != args.max_steps:
-        _export(components, state.params, output_dir)
+        _export(components, merged_params(state, lora), output_dir)
         components.text_model.params = None
       bar.update(1)
   finally:
     bar.close()
     checkpoints.close()
 
-  # 5. Export the pipeline folder (and push it).
-  _export(components, state.params, output_dir)
+  # 5. Export the pipeline folder, with a card that records the run (and push it).
+  components.training_info = _training_info(args, len(rows), last, last_eval)
+  _export(components, merged_params(state, lora), output_dir)  # LoRA: plain merged weights
   pushed = None
   if args.push_to_hub and jax.process_index() == 0:
     pushed = components.push_to_hub(args.push_to_hub, token=args.hub_token, private=args.hub_private,
@@ -160,6 +164,28 @@ def train(args: TrainingArguments) -> TrainResult:
 
 
 # --- helpers of train() ---------------------------------------------------------------------------
+def _process_slice() -> tuple[int, int]:
+  return jax.process_index(), jax.process_count()
+
+
+def _to_host(tree: Any) -> Any:
+  """Replicated (global) arrays -> numpy, on every process (each holds a full copy)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
+
+
+def _training_info(args: TrainingArguments, rows: int, last: dict[str, float], last_eval: dict[str, float] | None
+                   ) -> dict[str, Any]:
+  """What the exported model card says about the run."""
+  shown = ("optimizer", "learning_rate", "warmup_steps", "schedule", "weight_decay", "max_grad_norm",
+           "gradient_accumulation_steps", "trainable", "blank_caption_prob", "dtype", "seed", "mesh")
+  settings = args.to_dict()
+  return {"base_model": "random init (" + args.model + " config)" if args.from_scratch else args.model,
+          "train_data": args.train_data, "train_rows": rows, "steps": args.max_steps,
+          "train_batch_size": args.train_batch_size, "final_loss": last.get("loss"),
+          "final_eval_loss": (last_eval or {}).get("eval_loss"),
+          "hyperparameters": {k: settings[k] for k in shown if settings[k] is not None}}
+
+
 def _init_distributed(args: TrainingArguments) -> None:
   """``jax.distributed.initialize`` when arguments ask for several processes (before any computation)."""
   wanted = [args.coordinator_address, args.num_processes, args.process_id]
@@ -168,7 +194,7 @@ def _init_distributed(args: TrainingArguments) -> None:
   if any(value is None for value in wanted):
     raise ValueError("coordinator_address, num_processes and process_id go together (got "
                      f"{wanted}); on TPU pods, SLURM or Open MPI leave all three unset.")
-  if jax.process_count() == args.num_processes and jax.process_index() == args.process_id:
+  if jax.distributed.is_initialized():
     return  # already initialised by the caller
   jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
                              process_id=args.process_id)
@@ -217,12 +243,12 @@ def _evaluate(eval_step: Any, params: Any, rows: Any, processor: Any, config: An
               mesh: Any) -> dict[str, float]:
   """Mean eval loss and accuracy over whole batches of the eval rows (no blank captions)."""
   per_process = args.train_batch_size // jax.process_count()
-  if len(rows) < per_process:
-    raise ValueError(f"eval_data has {len(rows)} rows per process, fewer than one batch ({per_process}); "
+  if len(rows) < args.train_batch_size:
+    raise ValueError(f"eval_data has {len(rows)} rows, fewer than one batch ({args.train_batch_size}); "
                      "add rows or lower train_batch_size.")
   batches = make_dataset(rows, processor, config, batch_size=per_process, seed=args.seed, blank_caption_prob=0.0,
-                         shuffle=False, num_epochs=1)
-  results = [jax.device_get(eval_step(params, shard_batch(batch, mesh))) for batch in batches]
+                         shuffle=False, num_epochs=1, process_slice=_process_slice())
+  results = [_to_host(eval_step(params, shard_batch(batch, mesh))) for batch in batches]
   return {f"eval_{k}": float(np.mean([r[k] for r in results])) for k in ("loss", "accuracy")}
 
 
@@ -230,6 +256,9 @@ def _write_samples(components: DalleMiniPipelineModel, params: Any, args: Traini
                    step: int) -> None:
   """One grid of the eval prompts' images (seed i for prompt i), written by process 0."""
   if not args.eval_prompts:
+    return
+  if jax.process_count() > 1:
+    logger.info("Sample images are written by single-process runs only; skipped at step %d.", step)
     return
   inputs = components.processor(list(args.eval_prompts))
   out = components.text_model.generate(**inputs, params=params, seed=list(range(len(args.eval_prompts))))
