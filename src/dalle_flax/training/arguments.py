@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+from .lora import LoraSettings
 from .optim import OptimizerSettings
 
 __all__ = ["TrainingArguments", "load_arguments_file", "parse_mesh"]
@@ -40,6 +42,10 @@ class TrainingArguments:
     seed: base of the data order, blank captions and dropout.
     blank_caption_prob: captions replaced by "" (trains the unconditional branch guidance uses).
     optimizer ... trainable: see :class:`~dalle_flax.training.optim.OptimizerSettings`.
+    lora_rank: > 0 trains LoRA adapters of this rank on the attention and GLU/FFN kernels
+      instead of the weights (:mod:`~dalle_flax.training.lora`); the base stays frozen,
+      ``trainable`` stays "all", and the export holds the merged plain weights. 0: off.
+    lora_alpha: the adapters' update is scaled by ``lora_alpha / lora_rank`` (None: = rank).
     dtype: computation dtype, "float32" or "bfloat16" (parameters stay float32).
     gradient_checkpointing: rematerialise each layer in the backward pass (less memory).
     mesh: "dp=4,mp=2"; default: every device on dp.
@@ -72,6 +78,8 @@ class TrainingArguments:
   max_grad_norm: float | None = 1.0
   gradient_accumulation_steps: int = 1
   trainable: str = "all"
+  lora_rank: int = 0
+  lora_alpha: float | None = None
   dtype: str = "float32"
   gradient_checkpointing: bool = False
   mesh: str | None = None
@@ -110,11 +118,36 @@ class TrainingArguments:
     self.eval_prompts = tuple(self.eval_prompts)
     parse_mesh(self.mesh, None)  # syntax only; the device count is checked when training starts
     self.optimizer_settings()  # validates the optimizer fields
+    self._check_lora()
 
   def optimizer_settings(self) -> OptimizerSettings:
     """The :class:`OptimizerSettings` these arguments describe."""
     fields = {f.name for f in dataclasses.fields(OptimizerSettings)}
     return OptimizerSettings(**{k: v for k, v in dataclasses.asdict(self).items() if k in fields})
+
+  def lora_settings(self) -> LoraSettings | None:
+    """The :class:`~dalle_flax.training.lora.LoraSettings` of ``lora_rank`` / ``lora_alpha``, or None."""
+    return LoraSettings(self.lora_rank, self.lora_alpha) if self.lora_rank else None
+
+  def _check_lora(self) -> None:
+    rank, alpha = self.lora_rank, self.lora_alpha
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+      raise ValueError(f"lora_rank must be an int >= 0 (0: no LoRA), got {rank!r}.")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not math.isfinite(alpha) or alpha <= 0):
+      raise ValueError(f"lora_alpha must be a number > 0 or None (= lora_rank), got {alpha!r}.")
+    if not rank:
+      if alpha is not None:
+        raise ValueError(f"lora_alpha={alpha} has no effect with lora_rank=0; set lora_rank (e.g. 8) to "
+                         "train LoRA adapters, or leave lora_alpha unset.")
+      return
+    if self.trainable != "all":
+      raise ValueError(f"trainable={self.trainable!r} does not combine with lora_rank={rank}: with LoRA only "
+                       "the adapters train (on every attention and GLU/FFN kernel); leave trainable='all', "
+                       "or set lora_rank=0 to train that part of the weights.")
+    if self.from_scratch:
+      raise ValueError(f"lora_rank={rank} adapts pretrained weights, but from_scratch starts from random ones; "
+                       "drop from_scratch or set lora_rank=0.")
 
   def to_dict(self) -> dict[str, Any]:
     """JSON-ready settings (the token left out), as recorded in the run's folder and model card."""

@@ -35,14 +35,15 @@ __all__ = ["OPTIMIZERS", "SCHEDULES", "TRAINABLE", "OptimizerSettings", "build_o
            "learning_rate_schedule", "trainable_mask", "weight_decay_mask"]
 
 OPTIMIZERS = ("adamw", "adafactor")
+_DECAYED = ("kernel", "lora_a", "lora_b")
 SCHEDULES = ("constant", "linear", "cosine", "exponential")
 
 # The original's --embeddings_only set (reference §7.1): the image side of the decoder.
 _EMBEDDINGS = ("lm_head/", "model/decoder/embed_positions/", "model/decoder/embed_tokens/",
                "model/decoder/final_ln/", "model/decoder/layernorm_embedding/")
 
-# Which parameters train, by "/"-joined path. A later LoRA set adds its name here (and its own
-# adapter parameters to the tree); everything else in this file stays as it is.
+# Which parameters train, by "/"-joined path. LoRA (training.lora) is not a set here: with it only
+# the adapters train, the optimizer sees the adapter tree alone and ``trainable`` stays "all".
 TRAINABLE: dict[str, Callable[[str], bool]] = {
     "all": lambda path: True,
     "decoder": lambda path: not path.startswith("model/encoder/"),  # decoder layers + lm_head
@@ -133,8 +134,10 @@ def learning_rate_schedule(settings: OptimizerSettings) -> optax.Schedule:
 
 
 def weight_decay_mask(params: Any) -> Any:
-  """True on ``kernel`` leaves (Dense layers, lm_head), False elsewhere; same structure."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: _last_key(path) == "kernel", params)
+  """True on ``kernel`` leaves (Dense layers, lm_head) and on LoRA's ``lora_a`` / ``lora_b`` (the
+  factors of a kernel's update: decay pulls the adapted kernel back to the base), False elsewhere;
+  same structure."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: _last_key(path) in _DECAYED, params)
 
 
 def trainable_mask(params: Mapping[str, Any], trainable: str) -> dict[str, Any]:

@@ -7,6 +7,14 @@ Example::
     train_step = make_train_step(model, optimizer, mesh, trainable=settings.trainable)
     state, metrics = train_step(state, shard_batch(batch, mesh))   # metrics["loss"], ...
 
+With LoRA (:mod:`dalle_flax.training.lora`), pass the same ``lora=LoraSettings(rank=8)`` to
+``init_train_state``, ``abstract_train_state`` and ``make_train_step``: the state then holds
+adapters, the optimizer state is built for the adapters alone, the gradient is taken with
+respect to the adapters only (the base parameters are constants of the loss: no gradient, no
+optimizer state, never changed), and :func:`merged_params` gives the weights to evaluate
+and export. Adapters and their optimizer state are replicated over the mesh (a few MB); the
+merged kernel ``W + scale * A @ B`` follows ``W``'s sharding.
+
 Conventions (big_vision ``train.py``, maxtext): the state is created inside ``jax.jit(...,
 out_shardings=...)`` so the optimizer state is never built on one device; parameters and their
 optimizer moments follow the partition rules of :mod:`dalle_flax.sharding`; batches are split
@@ -33,10 +41,11 @@ from jax.sharding import PartitionSpec as P
 from ..modeling_flax_dalle_mini import DalleBartModule, model_spec
 from ..modeling_flax_utils import flatten_params
 from ..sharding import batch_sharding, partition_specs
+from .lora import LoraSettings, apply_lora, init_lora, merge_lora
 from .optim import trainable_mask
 
 __all__ = ["BATCH_KEYS", "TrainState", "abstract_train_state", "init_train_state", "loss_and_accuracy",
-           "make_eval_step", "make_train_step", "shard_batch", "train_state_shardings"]
+           "make_eval_step", "make_train_step", "merged_params", "shard_batch", "train_state_shardings"]
 
 Array = jax.Array
 BATCH_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "labels")
@@ -48,16 +57,19 @@ class TrainState:
 
   Attributes:
     step: () int32, train steps (micro-batches) done.
-    params: the model's parameter tree, float32.
-    opt_state: the optimizer's state; frozen parameters have none.
+    params: the model's parameter tree, float32 (with LoRA: the frozen base).
+    opt_state: the optimizer's state; frozen parameters have none (with LoRA: the adapters').
     key: (2,) uint32 raw key data (``jax.random.key_data``) of the run's base key; step ``s``
       uses dropout key ``fold_in(wrap_key_data(key), s)``. Raw data so any checkpointer saves it.
+    adapters: the LoRA adapter tree (:func:`~dalle_flax.training.lora.init_lora`); an empty
+      dict when LoRA is off.
   """
 
   step: Array
   params: Any
   opt_state: Any
   key: Array
+  adapters: Any = flax.struct.field(default_factory=dict)
 
 
 def loss_and_accuracy(logits: Array, labels: Array) -> tuple[Array, Array]:
@@ -76,12 +88,14 @@ def loss_and_accuracy(logits: Array, labels: Array) -> tuple[Array, Array]:
   return loss, accuracy
 
 
-def train_state_shardings(params: Any, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+def train_state_shardings(params: Any, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+                          lora: LoraSettings | None = None) -> TrainState:
   """NamedShardings of the :class:`TrainState` for ``params`` (a tree of arrays or shapes).
 
   Parameters follow :data:`dalle_flax.sharding.PARTITION_RULES`; optimizer leaves shaped like
   their parameter (Adam moments, accumulated gradients) take its sharding; the rest (counts,
-  Adafactor's factored statistics) is replicated, as in the original.
+  Adafactor's factored statistics) is replicated, as in the original. With ``lora``, the
+  adapters and the whole optimizer state (the adapters') are replicated.
   """
   params = _fp32_shapes(params)
   replicated = NamedSharding(mesh, P())
@@ -96,19 +110,27 @@ def train_state_shardings(params: Any, optimizer: optax.GradientTransformation, 
         return flat_shardings[name] if flat_params[name].shape == leaf.shape else replicated
     return replicated
 
-  opt_shardings = jax.tree_util.tree_map_with_path(opt_sharding, jax.eval_shape(optimizer.init, params))
-  return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, key=replicated)
+  if lora is None:
+    opt_shardings = jax.tree_util.tree_map_with_path(opt_sharding, jax.eval_shape(optimizer.init, params))
+    adapter_shardings = {}
+  else:
+    adapters = jax.eval_shape(lambda p: init_lora(p, lora.rank, jax.random.key(0), targets=lora.targets), params)
+    opt_shardings = jax.tree.map(lambda _: replicated, jax.eval_shape(optimizer.init, adapters))
+    adapter_shardings = jax.tree.map(lambda _: replicated, adapters)
+  return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, key=replicated,
+                    adapters=adapter_shardings)
 
 
-def abstract_train_state(params: Any, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+def abstract_train_state(params: Any, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+                         lora: LoraSettings | None = None) -> TrainState:
   """The state as ``jax.ShapeDtypeStruct`` leaves with their shardings (what orbax restores into)."""
-  shardings = train_state_shardings(params, optimizer, mesh)
-  shapes = jax.eval_shape(lambda p: _new_state(p, optimizer, jnp.zeros((2,), jnp.uint32)), _fp32_shapes(params))
+  shardings = train_state_shardings(params, optimizer, mesh, lora=lora)
+  shapes = jax.eval_shape(lambda p: _new_state(p, optimizer, jnp.zeros((2,), jnp.uint32), lora), _fp32_shapes(params))
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def init_train_state(model: Any, params: Any, optimizer: optax.GradientTransformation, mesh: Mesh, *,
-                     seed: int = 0) -> TrainState:
+                     seed: int = 0, lora: LoraSettings | None = None) -> TrainState:
   """Places ``params`` on ``mesh`` and builds the optimizer state there, inside one ``jax.jit``.
 
   Args:
@@ -118,26 +140,29 @@ def init_train_state(model: Any, params: Any, optimizer: optax.GradientTransform
       pass identical numpy arrays on every process, or arrays placed with ``shard_params``.
     optimizer: from :func:`~dalle_flax.training.optim.build_optimizer`.
     mesh: a ("dp", "mp") mesh (:func:`dalle_flax.sharding.make_mesh`).
-    seed: the base key (dropout) of the run.
+    seed: the base key (dropout; with ``lora``, also the adapters' ``A``) of the run.
+    lora: LoRA settings: the state gets fresh adapters (``B = 0``) and the optimizer state
+      is built for them; None trains ``params`` themselves.
 
   Returns:
     A :class:`TrainState` at step 0, sharded as :func:`train_state_shardings` says.
   """
   shape_tree = model.params_shape_tree if params is None else params
-  shardings = train_state_shardings(shape_tree, optimizer, mesh)
+  shardings = train_state_shardings(shape_tree, optimizer, mesh, lora=lora)
   key = jax.random.key_data(jax.random.key(seed))
   if params is None:
-    init = jax.jit(lambda k: _new_state(model.init_weights(jax.random.wrap_key_data(k)), optimizer, k),
+    init = jax.jit(lambda k: _new_state(model.init_weights(jax.random.wrap_key_data(k)), optimizer, k, lora),
                    out_shardings=shardings)
     return init(key)
   placed = jax.device_put(params, shardings.params)  # may share the caller's buffers: not donated
-  init = jax.jit(lambda p, k: _new_state(p, optimizer, k), in_shardings=(shardings.params, shardings.key),
+  init = jax.jit(lambda p, k: _new_state(p, optimizer, k, lora), in_shardings=(shardings.params, shardings.key),
                  out_shardings=shardings)
   return init(placed, key)
 
 
-def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: Mesh, *,
-                    trainable: str = "all") -> Callable[[TrainState, Mapping[str, Array]], tuple[TrainState, dict]]:
+def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: Mesh, *, trainable: str = "all",
+                    lora: LoraSettings | None = None
+                    ) -> Callable[[TrainState, Mapping[str, Array]], tuple[TrainState, dict]]:
   """The jitted ``train_step(state, batch) -> (state, metrics)``; ``state`` is donated.
 
   Args:
@@ -147,6 +172,7 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: M
     trainable: the optimizer's ``settings.trainable``: the other parameters get zero gradients
       (XLA skips their backward pass; ``grad_norm`` counts trained ones only) and are kept as
       they are whatever the optimizer does (no weight decay on them either).
+    lora: the state's LoRA settings: only the adapters train (``trainable`` must stay "all").
 
   Returns:
     A function of a :class:`TrainState` and a batch dict with (B, t) ``input_ids``,
@@ -154,10 +180,13 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: M
     dp; see ``shard_batch``), returning the next state and float32 scalar metrics ``loss``,
     ``accuracy`` and ``grad_norm`` (before clipping).
   """
+  if lora is not None and trainable != "all":
+    raise ValueError(f"trainable={trainable!r} does not combine with LoRA: only the adapters train (on "
+                     "every targeted kernel); use trainable='all' with lora, or lora=None.")
   module = model.module.clone(deterministic=False)
   shapes = model.params_shape_tree
   mask = trainable_mask(shapes, trainable)
-  shardings = train_state_shardings(shapes, optimizer, mesh)
+  shardings = train_state_shardings(shapes, optimizer, mesh, lora=lora)
 
   def train_step(state: TrainState, batch: Mapping[str, Array]) -> tuple[TrainState, dict]:
     _check_batch(batch)
@@ -168,13 +197,22 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: M
                             batch["decoder_input_ids"], rngs={"dropout": dropout_key}).logits  # (b, n, v)
       return loss_and_accuracy(logits, batch["labels"])
 
-    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = jax.tree.map(lambda g, train: g if train else jnp.zeros_like(g), grads, mask)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    params = jax.tree.map(lambda new, old, train: new if train else old, params, state.params, mask)
+    if lora is not None:  # differentiate w.r.t. the adapters only: the base is a constant of the loss
+      def adapted_loss(adapters: Any) -> tuple[Array, Array]:
+        return loss_fn(apply_lora(state.params, adapters, lora.alpha))
+
+      (loss, accuracy), grads = jax.value_and_grad(adapted_loss, has_aux=True)(state.adapters)
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.adapters)
+      state = state.replace(adapters=optax.apply_updates(state.adapters, updates), opt_state=opt_state)
+    else:
+      (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      grads = jax.tree.map(lambda g, train: g if train else jnp.zeros_like(g), grads, mask)
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      params = jax.tree.map(lambda new, old, train: new if train else old, params, state.params, mask)
+      state = state.replace(params=params, opt_state=opt_state)
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1), metrics
 
   return jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh)),
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
@@ -201,6 +239,21 @@ def make_eval_step(model: Any, mesh: Mesh) -> Callable[[Any, Mapping[str, Array]
                  out_shardings=NamedSharding(mesh, P()))
 
 
+def merged_params(state: TrainState, lora: LoraSettings | None = None) -> Any:
+  """The weights the state's model runs with: ``state.params``, or with ``lora`` the base with
+  the adapters merged (:func:`~dalle_flax.training.lora.merge_lora`, sharded like the base), for
+  :func:`make_eval_step`, sampling and export.
+
+  Raises:
+    ValueError: the state holds adapters but ``lora`` is None (their alpha is unknown).
+  """
+  if lora is None:
+    if flatten_params(state.adapters):
+      raise ValueError("the state holds LoRA adapters; pass the LoraSettings it was trained with (lora=...).")
+    return state.params
+  return merge_lora(state.params, state.adapters, lora.alpha)
+
+
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Array]:
   """This process's rows of a batch -> global arrays split over "dp" (any number of hosts).
 
@@ -216,9 +269,16 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Array]:
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in BATCH_KEYS}
 
 
-def _new_state(params: Any, optimizer: optax.GradientTransformation, key: Array) -> TrainState:
+def _new_state(params: Any, optimizer: optax.GradientTransformation, key: Array,
+               lora: LoraSettings | None = None) -> TrainState:
   params = jax.tree.map(lambda p: p.astype(jnp.float32) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), key=key)
+  if lora is None:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), key=key)
+  # split, not fold_in: fold_in(key, s) is step s's dropout key
+  adapter_key = jax.random.split(jax.random.wrap_key_data(key))[1]
+  adapters = init_lora(params, lora.rank, adapter_key, targets=lora.targets)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(adapters), key=key,
+                    adapters=adapters)
 
 
 def _fp32_shapes(params: Any) -> Any:
