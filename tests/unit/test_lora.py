@@ -21,16 +21,36 @@ from jax.sharding import PartitionSpec as P
 from test_training import TINY_REPO, caption_batch, one_device, tiny_model
 
 import dalle_flax
-from dalle_flax import DalleBartConfig, DalleMiniProcessor, FlaxDalleMiniForConditionalGeneration
+from dalle_flax import (
+  DalleBartConfig,
+  DalleMiniProcessor,
+  FlaxDalleMiniForConditionalGeneration,
+)
 from dalle_flax.modeling_flax_utils import flatten_params, unflatten_params
 from dalle_flax.training import TrainingArguments, train
 from dalle_flax.training.checkpoint import Checkpoints
-from dalle_flax.training.lora import LoraSettings, apply_lora, init_lora, lora_targets, merge_lora
-from dalle_flax.training.optim import OptimizerSettings, build_optimizer, weight_decay_mask
-from dalle_flax.training.step import (abstract_train_state, init_train_state, make_train_step, merged_params,
-                                      shard_batch)
+from dalle_flax.training.lora import (
+  LoraSettings,
+  apply_lora,
+  init_lora,
+  lora_targets,
+  merge_lora,
+)
+from dalle_flax.training.optim import (
+  OptimizerSettings,
+  build_optimizer,
+  weight_decay_mask,
+)
+from dalle_flax.training.step import (
+  abstract_train_state,
+  init_train_state,
+  make_train_step,
+  merged_params,
+  shard_batch,
+)
 
 CAPTIONS = ["a red square", "a blue circle", "a green triangle", "a yellow star"]
+TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-dalle-mini"  # a whole pipeline folder
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +220,7 @@ def test_lora_state_checks():
 
 
 # --- full-size figures (shapes only) -----------------------------------------------------------------
+# The released mini-1 / mega-1 configs' shape-determining keys (as in test_modeling_dalle_mini).
 MINI_1 = dict(d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
               decoder_attention_heads=16, encoder_ffn_dim=2730, decoder_ffn_dim=2730, encoder_vocab_size=50264,
               image_vocab_size=16384, image_length=256, max_text_length=64, use_scan=True)
@@ -239,8 +260,6 @@ def lora_arguments(root: Path, run: str, **overrides) -> TrainingArguments:
                   blank_caption_prob=0.0, lora_rank=4, lora_alpha=8.0)
   return TrainingArguments(**{**settings, **overrides})
 
-
-TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-dalle-mini"
 
 
 def read_metrics(run: Path):
