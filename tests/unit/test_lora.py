@@ -277,6 +277,8 @@ def test_lora_run_exports_the_merged_adapter_model(lora_run, processor):
   losses = [m["loss"] for m in read_metrics(result.output_dir) if "loss" in m]
   assert len(losses) == 12 and losses[-1] < 0.3 * losses[0], losses
   assert result.eval["eval_loss"] < 0.3 * losses[0]  # evaluated with the adapters merged
+  card = (result.output_dir / "README.md").read_text()
+  assert "| lora_rank | 4 |" in card and "| lora_alpha | 8.0 |" in card
 
   base_model = dalle_flax.pipeline("text-to-image", model=str(TINY)).model.text_model
   exported = dalle_flax.pipeline("text-to-image", model=str(result.output_dir)).model.text_model

@@ -158,6 +158,7 @@ def test_trained_pipeline_is_pushed_with_its_card_and_loads_through_transformers
   assert f"Fine-tuned with `dalle-flax train` from `{TINY}`" in card
   assert "(32 encoded images) for 4 steps of\n8 images" in card
   assert f"Final train loss {result.last_metrics['loss']:.4f}" in card and "| learning_rate | 0.002 |" in card
+  assert "lora_rank" not in card  # only LoRA runs list the adapter settings
   hf_pipe = transformers.pipeline("text-to-image", model="me/shapes")
   hf_pipe.set_progress_bar_config(disable=True)
   local = dalle_flax.pipeline("text-to-image", model=str(result.output_dir))

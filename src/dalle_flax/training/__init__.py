@@ -12,6 +12,7 @@ file: ``sources`` (image + caption readers), ``encode`` (VQGAN encoding to parqu
 from .arguments import TrainingArguments
 from .checkpoint import Checkpoints
 from .data import load_encoded_rows, make_dataset, prepare_batch
+from .lora import LORA_TARGETS, LoraSettings, merge_lora
 from .encode import INFO_NAME, SKIP_REASONS, EncodeSummary, encode_dataset, push_encoded_dataset
 from .optim import OptimizerSettings, build_optimizer, learning_rate_schedule
 from .sources import SOURCE_TYPES, open_source
@@ -20,7 +21,7 @@ from .step import (TrainState, abstract_train_state, init_train_state, loss_and_
 from .trainer import TrainResult, train
 
 __all__ = [
-    "INFO_NAME", "SKIP_REASONS", "SOURCE_TYPES", "Checkpoints", "EncodeSummary", "OptimizerSettings",
+    "INFO_NAME", "LORA_TARGETS", "SKIP_REASONS", "LoraSettings", "merge_lora", "SOURCE_TYPES", "Checkpoints", "EncodeSummary", "OptimizerSettings",
     "TrainResult", "TrainState", "TrainingArguments", "abstract_train_state", "build_optimizer",
     "encode_dataset", "init_train_state", "learning_rate_schedule", "load_encoded_rows", "loss_and_accuracy",
     "make_dataset", "make_eval_step", "make_train_step", "open_source", "prepare_batch", "push_encoded_dataset",

@@ -177,13 +177,15 @@ def _training_info(args: TrainingArguments, rows: int, last: dict[str, float], l
                    ) -> dict[str, Any]:
   """What the exported model card says about the run."""
   shown = ("optimizer", "learning_rate", "warmup_steps", "schedule", "weight_decay", "max_grad_norm",
-           "gradient_accumulation_steps", "trainable", "blank_caption_prob", "dtype", "seed", "mesh")
+           "gradient_accumulation_steps", "trainable", "lora_rank", "lora_alpha", "blank_caption_prob", "dtype",
+           "seed", "mesh")
   settings = args.to_dict()
   return {"base_model": "random init (" + args.model + " config)" if args.from_scratch else args.model,
           "train_data": args.train_data, "train_rows": rows, "steps": args.max_steps,
           "train_batch_size": args.train_batch_size, "final_loss": last.get("loss"),
           "final_eval_loss": (last_eval or {}).get("eval_loss"),
-          "hyperparameters": {k: settings[k] for k in shown if settings[k] is not None}}
+          "hyperparameters": {k: settings[k] for k in shown if settings[k] is not None
+                              and not (k.startswith("lora_") and not args.lora_rank)}}
 
 
 def _init_distributed(args: TrainingArguments) -> None:
