@@ -24,6 +24,8 @@ from .optim import OptimizerSettings
 
 __all__ = ["TrainingArguments", "load_arguments_file", "parse_mesh"]
 
+_OPTIMIZER_DEFAULTS = OptimizerSettings()  # the optimizer fields take their defaults from here
+
 
 @dataclasses.dataclass
 class TrainingArguments:
@@ -68,16 +70,16 @@ class TrainingArguments:
   max_steps: int = 1000
   seed: int = 0
   blank_caption_prob: float = 0.1
-  optimizer: str = "adamw"
-  learning_rate: float = 1e-4
-  warmup_steps: int = 0
-  schedule: str = "constant"
-  decay_steps: int | None = None
-  end_learning_rate: float = 0.0
-  weight_decay: float = 0.0
-  max_grad_norm: float | None = 1.0
-  gradient_accumulation_steps: int = 1
-  trainable: str = "all"
+  optimizer: str = _OPTIMIZER_DEFAULTS.optimizer
+  learning_rate: float = _OPTIMIZER_DEFAULTS.learning_rate
+  warmup_steps: int = _OPTIMIZER_DEFAULTS.warmup_steps
+  schedule: str = _OPTIMIZER_DEFAULTS.schedule
+  decay_steps: int | None = _OPTIMIZER_DEFAULTS.decay_steps
+  end_learning_rate: float = _OPTIMIZER_DEFAULTS.end_learning_rate
+  weight_decay: float = _OPTIMIZER_DEFAULTS.weight_decay
+  max_grad_norm: float | None = _OPTIMIZER_DEFAULTS.max_grad_norm
+  gradient_accumulation_steps: int = _OPTIMIZER_DEFAULTS.gradient_accumulation_steps
+  trainable: str = _OPTIMIZER_DEFAULTS.trainable
   lora_rank: int = 0
   lora_alpha: float | None = None
   dtype: str = "float32"
