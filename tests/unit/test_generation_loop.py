@@ -13,7 +13,6 @@ from flax import struct
 from dalle_flax import DalleBartConfig, FlaxDalleMiniForConditionalGeneration
 from dalle_flax.convert.scan import unscan_params
 from dalle_flax.generation import GenerationMixin, apply_guidance, sample_token, top_p_mask
-from dalle_flax.generation import utils as generation_utils
 from dalle_flax.generation.sampling import SamplingKnobs
 from dalle_flax.generation.seeds import image_seeds
 from dalle_flax.modeling_flax_utils import flatten_params, unflatten_params
