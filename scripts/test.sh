@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 # torch first, pinned: the CPU build these machines carry; an unpinned torch pulls CUDA (GBs).
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,torch,train]"
+python -m pip install -q -e ".[test,torch,train,tensorboard]"  # not wandb: its tests use a fake module
 run() {
   set +e; python -m pytest "$@"; rc=$?; set -e
   if [ "$rc" -eq 5 ]; then echo "pytest collected no tests for: $*" >&2; exit 1; fi

@@ -21,6 +21,7 @@ from typing import Any
 
 from .lora import LoraSettings
 from .optim import OptimizerSettings
+from .reporting import normalize_report_to
 
 __all__ = ["TrainingArguments", "load_arguments_file", "parse_mesh"]
 
@@ -54,6 +55,9 @@ class TrainingArguments:
     logging_steps, eval_steps, save_steps, save_total_limit, export_steps: intervals in steps
       (0 disables eval / periodic export; the run always exports at the end).
     eval_prompts: prompts whose images (fixed seeds) are written at every eval as PNG.
+    report_to: also log the metrics and sample grids to "tensorboard" (``output_dir/runs/``),
+      "wandb", "all" (those installed) or "none"; a list or comma-separated names
+      (:mod:`~dalle_flax.training.reporting`).
     push_to_hub: a repo id to push the exported pipeline to at the end.
     hub_token, hub_private: for the push.
     coordinator_address, num_processes, process_id: ``jax.distributed.initialize`` arguments for
@@ -91,6 +95,7 @@ class TrainingArguments:
   save_total_limit: int = 3
   export_steps: int = 0
   eval_prompts: tuple[str, ...] = ()
+  report_to: tuple[str, ...] = ()
   push_to_hub: str | None = None
   hub_token: str | None = None
   hub_private: bool | None = None
@@ -118,6 +123,7 @@ class TrainingArguments:
       raise ValueError(f"max_steps ({self.max_steps}) must be a multiple of gradient_accumulation_steps "
                        f"({self.gradient_accumulation_steps}) so the run ends on a whole update.")
     self.eval_prompts = tuple(self.eval_prompts)
+    self.report_to = normalize_report_to(self.report_to)
     parse_mesh(self.mesh, None)  # syntax only; the device count is checked when training starts
     self.optimizer_settings()  # validates the optimizer fields
     self._check_lora()
@@ -156,6 +162,7 @@ class TrainingArguments:
     values = dataclasses.asdict(self)
     values["hub_token"] = None
     values["eval_prompts"] = list(self.eval_prompts)
+    values["report_to"] = list(self.report_to)
     return values
 
 

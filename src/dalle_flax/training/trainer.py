@@ -11,6 +11,7 @@ writes in ``output_dir``:
                             learning_rate, samples_per_second) and per eval (eval_loss, ...)
     training_args.json      the settings (a rerun with different data settings is refused)
     samples/step_<N>.png    images of eval_prompts at fixed seeds, at every eval
+    runs/, wandb/           with report_to: TensorBoard event files, the W&B run (its id in wandb_run_id)
     config.json, model.safetensors, vqgan/, tokenizer files, README.md
                             the exported pipeline: dalle_flax.pipeline("text-to-image", model=output_dir)
 
@@ -43,6 +44,7 @@ from .arguments import TrainingArguments, parse_mesh
 from .checkpoint import Checkpoints
 from .data import load_encoded_rows, make_dataset
 from .optim import build_optimizer, learning_rate_schedule
+from .reporting import Reporters, make_reporters, resolve_report_to, tagged
 from .step import (abstract_train_state, init_train_state, make_eval_step, make_train_step, merged_params,
                    shard_batch)
 
@@ -85,6 +87,7 @@ def train(args: TrainingArguments) -> TrainResult:
   if jax.process_index() == 0:
     output_dir.mkdir(parents=True, exist_ok=True)
     _check_or_write_args(output_dir, args)
+    resolve_report_to(args.report_to)  # a missing tensorboardX / wandb fails here, before the model loads
   mesh = make_mesh(dp=dp, mp=mp)
 
   # 1. The model, its VQGAN and processor; the training view of the text model.
@@ -125,6 +128,7 @@ def train(args: TrainingArguments) -> TrainResult:
   # 4. The loop.
   last: dict[str, float] = {}
   last_eval = None
+  reporters = make_reporters(args.report_to, output_dir, args.to_dict(), start_step=start)
   window_start, window_steps = time.perf_counter(), 0
   bar = tqdm(total=args.max_steps, initial=start, desc="Training", unit="step",
              disable=jax.process_index() != 0)
@@ -138,12 +142,14 @@ def train(args: TrainingArguments) -> TrainResult:
         last["learning_rate"] = float(schedule(step // settings.gradient_accumulation_steps))
         last["samples_per_second"] = window_steps * args.train_batch_size / max(elapsed, 1e-9)
         metrics_log.write({"step": step, **last})
+        reporters.log_metrics(tagged("train", last), step)
         bar.set_postfix(loss=f"{last['loss']:.4f}")
         window_start, window_steps = time.perf_counter(), 0
       if eval_step is not None and args.eval_steps and step % args.eval_steps == 0:
         last_eval = _evaluate(eval_step, merged_params(state, lora), eval_rows, processor, config, args, mesh)
         metrics_log.write({"step": step, **last_eval})
-        _write_samples(components, merged_params(state, lora), args, output_dir, step)
+        reporters.log_metrics(tagged("eval", last_eval), step)
+        _write_samples(components, merged_params(state, lora), args, output_dir, step, reporters)
       checkpoints.save(step, state, iterator, force=step == args.max_steps)
       if args.export_steps and step % args.export_steps == 0 and step != args.max_steps:
         _export(components, merged_params(state, lora), output_dir)
@@ -152,6 +158,7 @@ def train(args: TrainingArguments) -> TrainResult:
   finally:
     bar.close()
     checkpoints.close()
+    reporters.close()
 
   # 5. Export the pipeline folder, with a card that records the run (and push it).
   components.training_info = _training_info(args, len(rows), last, last_eval)
@@ -255,8 +262,8 @@ def _evaluate(eval_step: Any, params: Any, rows: Any, processor: Any, config: An
 
 
 def _write_samples(components: DalleMiniPipelineModel, params: Any, args: TrainingArguments, output_dir: Path,
-                   step: int) -> None:
-  """One grid of the eval prompts' images (seed i for prompt i), written by process 0."""
+                   step: int, reporters: Reporters) -> None:
+  """One grid of the eval prompts' images (seed i for prompt i), written and reported by process 0."""
   if not args.eval_prompts:
     return
   if jax.process_count() > 1:
@@ -268,8 +275,10 @@ def _write_samples(components: DalleMiniPipelineModel, params: Any, args: Traini
   if jax.process_index() == 0:
     path = output_dir / "samples" / f"step_{step:07d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
+    grid = make_image_grid(images, rows=1, cols=len(images))
     with atomic_write(path) as f:
-      make_image_grid(images, rows=1, cols=len(images)).save(f, format="PNG")
+      grid.save(f, format="PNG")
+    reporters.log_image("eval/samples", grid, step, caption=" | ".join(args.eval_prompts))
 
 
 def _export(components: DalleMiniPipelineModel, params: Any, output_dir: Path) -> None:
