@@ -13,6 +13,7 @@ Commands::
   dalle-flax encode SOURCE --vqgan V --out DIR [--source-type T] [--batch-size B] [--shard-size S]
       [--min-size M] [--on-bad-image {skip,error}] [--push-to-hub REPO] [--no-progress]
   dalle-flax train [CONFIG.json|yaml] --model M --train-data DIR --output-dir DIR [--max-steps N] ...
+  dalle-flax train-vqgan [CONFIG.json|yaml] --model VQGAN|config.json --train-data IMAGES --output-dir DIR ...
 
 ``generate`` writes one PNG per image (``<prompt>_<seed>.png``; one ``<prompt>_grid_<seed>.png``
 per prompt with ``--grid``/``--seamless``) and prints their paths, one per line; rerun with
@@ -22,7 +23,9 @@ the model once, prints the demo's URL and serves it (``dalle_flax.web``) until C
 ``encode`` turns captioned images into the parquet shards fine-tuning reads
 (``dalle_flax.training.encode``), prints a summary, and resumes when run again. ``train``
 fine-tunes on those shards (``dalle_flax.training.train``; every ``TrainingArguments`` field is a
-flag) and leaves a pipeline folder in ``--output-dir``; running it again resumes.
+flag) and leaves a pipeline folder in ``--output-dir``; running it again resumes. ``train-vqgan``
+trains a VQGAN on images the same way (``dalle_flax.training.train_vqgan``) and leaves a
+``FlaxVQGANModel`` folder.
 
 Errors (bad model path, unreachable Hub, bad values) print one line to stderr and exit with
 status 1 (2 for bad command-line syntax); ``--traceback`` shows the full traceback.
@@ -216,18 +219,25 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("config", nargs="?", metavar="CONFIG", help="a .json / .yaml file of settings")
   _add_training_flags(train)
   train.set_defaults(func=_train)
+
+  train_vqgan = commands.add_parser(
+      "train-vqgan", help="train or fine-tune a VQGAN on images (resumes when run again)",
+      description="Train a VQGAN (MODEL: a VQGAN folder / repo id to fine-tune, or a VQGAN config.json "
+                  "for random weights) on a folder of images; CONFIG is a JSON or YAML file of the same "
+                  "settings, which flags override. Running again on the same --output-dir resumes.")
+  train_vqgan.add_argument("config", nargs="?", metavar="CONFIG", help="a .json / .yaml file of settings")
+  _add_training_flags(train_vqgan, "vqgan")
+  train_vqgan.set_defaults(func=_train_vqgan)
   return parser
 
 
-def _add_training_flags(parser: argparse.ArgumentParser) -> None:
-  """One flag per TrainingArguments field (``--max-steps`` and ``--max_steps``); unset flags keep
-  the CONFIG file's value, then the field's default."""
+def _add_training_flags(parser: argparse.ArgumentParser, kind: str = "text") -> None:
+  """One flag per TrainingArguments (or VQGANTrainingArguments) field (``--max-steps`` and
+  ``--max_steps``); unset flags keep the CONFIG file's value, then the field's default."""
   import dataclasses
 
-  from .training.arguments import TrainingArguments
-
   parsers = {"int": _int, "float": _finite_float, "str": str}
-  for field in dataclasses.fields(TrainingArguments):
+  for field in dataclasses.fields(_arguments_class(kind)):
     names = [f"--{field.name.replace('_', '-')}"] + ([f"--{field.name}"] if "_" in field.name else [])
     kind = str(field.type).replace(" | None", "")
     default = field.default if field.default is not dataclasses.MISSING else None
@@ -324,6 +334,31 @@ def _encode(args: argparse.Namespace) -> int:
   print(f"skipped: {skipped or 'none'}")
   if summary.pushed:
     print(summary.pushed)
+  return 0
+
+
+def _arguments_class(kind: str) -> type:
+  if kind == "vqgan":
+    from .training.vqgan_trainer import VQGANTrainingArguments
+    return VQGANTrainingArguments
+  from .training.arguments import TrainingArguments
+  return TrainingArguments
+
+
+def _train_vqgan(args: argparse.Namespace) -> int:
+  from .training.arguments import load_arguments_file
+  from .training.vqgan_trainer import VQGANTrainingArguments, train_vqgan
+
+  settings = load_arguments_file(args.config, VQGANTrainingArguments) if args.config else {}
+  skip = {"command", "func", "config", "traceback"}
+  settings.update({k: v for k, v in vars(args).items() if k not in skip})
+  result = train_vqgan(VQGANTrainingArguments(**settings))
+  shown = {k: round(v, 4) for k, v in {**result.last_metrics, **(result.eval or {})}.items()
+           if k in ("loss", "mse", "eval_psnr", "eval_codes_used")}
+  print(f"trained {result.steps} steps{' (resumed at ' + str(result.resumed_from) + ')' if result.resumed_from else ''}"
+        f"; last {shown}; VQGAN in {result.output_dir}")
+  if result.pushed:
+    print(result.pushed)
   return 0
 
 

@@ -3,6 +3,7 @@ the loss falls, a resumed run continues the uninterrupted run's metrics exactly,
 folder loads as a pipeline and generates."""
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,20 @@ def test_two_processes_train_the_losses_of_one(tmp_path):
   np.testing.assert_allclose(got_losses, want_losses, rtol=1e-4)
   exported = dalle_flax.pipeline("text-to-image", model=str(tmp_path / "two" / "run"))
   assert exported.model.text_model.num_parameters() > 0
+
+
+@pytest.mark.parametrize("env, expect_call", [({"SLURM_NTASKS": "4"}, True), ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+                                              ({"SLURM_NTASKS": "1"}, False), ({}, False)])
+def test_cluster_jobs_initialise_jax_distributed_from_the_environment(monkeypatch, env, expect_call):
+  from dalle_flax.training import trainer as trainer_module
+
+  for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  calls = []
+  monkeypatch.setattr(trainer_module.jax.distributed, "is_initialized", lambda: False)
+  monkeypatch.setattr(trainer_module.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  args = types.SimpleNamespace(coordinator_address=None, num_processes=None, process_id=None)
+  trainer_module._init_distributed(args)
+  assert calls == ([{}] if expect_call else [])

@@ -189,8 +189,10 @@ def parse_mesh(text: str | None, num_devices: int | None) -> tuple[int, int]:
   return dp, mp
 
 
-def load_arguments_file(path: str | os.PathLike) -> dict[str, Any]:
-  """A JSON or YAML file of :class:`TrainingArguments` fields -> a dict (unknown keys raise)."""
+def load_arguments_file(path: str | os.PathLike, cls: type = None) -> dict[str, Any]:
+  """A JSON or YAML file of :class:`TrainingArguments` fields (or those of dataclass ``cls``) -> a
+  dict (unknown keys raise)."""
+  cls = cls or TrainingArguments
   path = Path(path)
   text = path.read_text(encoding="utf-8")
   if path.suffix.lower() in (".yaml", ".yml"):
@@ -200,8 +202,8 @@ def load_arguments_file(path: str | os.PathLike) -> dict[str, Any]:
   else:
     values = json.loads(text)
   if not isinstance(values, dict):
-    raise ValueError(f"{path} must hold a mapping of TrainingArguments fields, got {type(values).__name__}.")
-  known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    raise ValueError(f"{path} must hold a mapping of {cls.__name__} fields, got {type(values).__name__}.")
+  known = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - known)
   if unknown:
     raise ValueError(f"{path} has unknown setting(s) {unknown}; known: {sorted(known)}.")

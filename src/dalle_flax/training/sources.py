@@ -110,7 +110,7 @@ def detect_source_type(source: str | os.PathLike) -> str:
 
 def open_source(source: str | os.PathLike, *, source_type: str | None = None,
                 image_column: str | None = None, caption_column: str | None = None,
-                split: str = "train") -> Source:
+                split: str = "train", require_captions: bool = True) -> Source:
   """Lists the examples of ``source``.
 
   Args:
@@ -120,6 +120,8 @@ def open_source(source: str | os.PathLike, *, source_type: str | None = None,
     caption_column: caption column of an ``imagefolder`` or ``datasets`` dataset (default: the
       one of ``"caption"``/``"text"`` that exists).
     split: split of a ``datasets`` dataset.
+    require_captions: refuse a folder of images without any ``.txt`` caption (False when the
+      captions are not needed, as for VQGAN training).
 
   Returns:
     The :class:`Source`, with at least one example.
@@ -141,7 +143,8 @@ def open_source(source: str | os.PathLike, *, source_type: str | None = None,
   reader = {"folder": _folder, "imagefolder": _imagefolder, "webdataset": _webdataset,
             "datasets": _datasets}[source_type]
   examples, location, columns, salt = reader(source, image_column=image_column,
-                                             caption_column=caption_column, split=split)
+                                             caption_column=caption_column, split=split,
+                                             require_captions=require_captions)
   if not examples:
     raise ValueError(f"{source_type} source {location!r} holds no images; expected {_LAYOUTS}")
   digest = hashlib.sha256(f"{source_type}\0{salt}".encode())
@@ -171,7 +174,7 @@ def _open_bytes(data: bytes) -> Image.Image:
   return Image.open(io.BytesIO(data))
 
 
-def _folder(source: Any, caption_column: str | None, **_: Any) -> _Listing:
+def _folder(source: Any, caption_column: str | None, require_captions: bool = True, **_: Any) -> _Listing:
   if caption_column is not None:
     raise ValueError(f"caption_column applies to imagefolder and datasets sources, got "
                      f"{caption_column!r} for a folder source, whose captions are .txt files")
@@ -186,7 +189,7 @@ def _folder(source: Any, caption_column: str | None, **_: Any) -> _Listing:
     with_caption += caption in names
     examples.append(Example(path.relative_to(root).as_posix(), functools.partial(Image.open, path),
                             functools.partial(_read_text, caption)))
-  if examples and not with_caption:
+  if examples and not with_caption and require_captions:
     raise ValueError(
         f"found {len(examples)} images under {str(root)!r} but no captions; expected a same-stem "
         ".txt file beside each image (cat.jpg + cat.txt), or a metadata.jsonl with file_name and "

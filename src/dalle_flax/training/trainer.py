@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -196,9 +197,13 @@ def _training_info(args: TrainingArguments, rows: int, last: dict[str, float], l
 
 
 def _init_distributed(args: TrainingArguments) -> None:
-  """``jax.distributed.initialize`` when arguments ask for several processes (before any computation)."""
+  """``jax.distributed.initialize`` when arguments ask for several processes, or with no arguments
+  (JAX reads the cluster from the environment) when a SLURM or Open MPI job has several tasks;
+  before any computation. Cloud TPU pods need nothing: JAX forms the cluster itself."""
   wanted = [args.coordinator_address, args.num_processes, args.process_id]
   if all(value is None for value in wanted):
+    if _cluster_job_tasks() > 1 and not jax.distributed.is_initialized():
+      jax.distributed.initialize()
     return
   if any(value is None for value in wanted):
     raise ValueError("coordinator_address, num_processes and process_id go together (got "
@@ -209,6 +214,15 @@ def _init_distributed(args: TrainingArguments) -> None:
                              process_id=args.process_id)
 
 
+def _cluster_job_tasks() -> int:
+  """Tasks of the SLURM (``srun``) or Open MPI (``mpirun``) job this process belongs to (1: none)."""
+  for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    value = os.environ.get(name, "")
+    if value.isdigit():
+      return int(value)
+  return 1
+
+
 def _check_batch_size(batch_size: int, dp: int) -> None:
   processes = jax.process_count()
   if batch_size % dp or batch_size % processes:
@@ -216,13 +230,13 @@ def _check_batch_size(batch_size: int, dp: int) -> None:
                      f"{processes} process(es); use a multiple of {np.lcm(dp, processes)}.")
 
 
-def _check_or_write_args(output_dir: Path, args: TrainingArguments) -> None:
-  """Refuses to resume a run with different data or optimizer settings; records the settings."""
+def _check_or_write_args(output_dir: Path, args: Any, keys: tuple[str, ...] = _RESUME_KEYS) -> None:
+  """Refuses to resume a run whose ``keys`` settings (data, optimizer) differ; records the settings."""
   path = output_dir / ARGS_FILE
   current = args.to_dict()
   if path.exists() and (output_dir / "checkpoints").is_dir():
     previous = json.loads(path.read_text())
-    changed = {k: (previous.get(k), current[k]) for k in _RESUME_KEYS if previous.get(k) != current[k]}
+    changed = {k: (previous.get(k), current[k]) for k in keys if previous.get(k) != current[k]}
     if changed:
       details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
       raise ValueError(f"{output_dir} holds a run with other settings ({details}); resume it with the same "
