@@ -203,3 +203,28 @@ def test_cli_train_vqgan(config_file, image_folder, tmp_path, capsys):
   recorded = json.loads((out / "training_args.json").read_text())
   assert recorded["max_steps"] == 3 and recorded["commitment_weight"] == 0.5 and recorded["train_batch_size"] == 4
   assert FlaxVQGANModel.from_pretrained(out).config.resolution == 16
+
+
+def test_quantize_from_step_decodes_unquantized_latents_first():
+  model = _tiny_model()
+  pixels = jnp.asarray(np.stack([np.asarray(_image(i)) for i in range(4)]) / 255.0, jnp.float32)
+  settings = VQGANLossSettings()
+  latents = model.module.apply({"params": model.params}, pixels, method="encode_latents")
+  expected = model.module.apply({"params": model.params}, latents, method="decode")
+  _, continuous = vqgan_losses(model.module, model.params, pixels, settings, quantized=False)
+  _, quantized = vqgan_losses(model.module, model.params, pixels, settings, quantized=True)
+  np.testing.assert_allclose(continuous["reconstruction_loss"], jnp.mean(jnp.abs(expected - pixels)), rtol=1e-5)
+  assert abs(float(continuous["reconstruction_loss"]) - float(quantized["reconstruction_loss"])) > 1e-6
+  # In training: steps before quantize_from_step decode continuously, then the codebook restarts from data.
+  optimizer = build_optimizer(OptimizerSettings(learning_rate=0.0))
+  mesh = make_mesh(dp=1, mp=1)
+  state = init_vqgan_state(model, model.params, optimizer, mesh, seed=0)
+  step = make_vqgan_train_step(model, optimizer, mesh, VQGANLossSettings(quantize_from_step=2, restart_steps=100))
+  batch = shard_images(np.asarray(pixels), mesh)
+  losses, restarted = [], []
+  for _ in range(3):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["reconstruction_loss"]))
+    restarted.append(int(metrics["restarted"]))
+  np.testing.assert_allclose(losses[:2], float(continuous["reconstruction_loss"]), rtol=1e-5)
+  assert restarted == [16, 0, 16]

@@ -65,6 +65,9 @@ class VQGANLossSettings:
     restart_threshold: a code is dead when its running share of codes is below
       ``restart_threshold / n_embed``.
     usage_decay: decay of the running code usage (per step).
+    quantize_from_step: the first this many steps decode the encoder's latents unquantized
+      (a plain autoencoder warms up; the codebook and commitment terms still train), and the
+      step that turns quantization on moves every code onto batch latents, as step 0 does.
   """
 
   reconstruction: str = "l1"
@@ -73,6 +76,7 @@ class VQGANLossSettings:
   restart_steps: int = 100
   restart_threshold: float = 0.03
   usage_decay: float = 0.99
+  quantize_from_step: int = 0
 
   def __post_init__(self) -> None:
     if self.reconstruction not in RECONSTRUCTION_LOSSES:
@@ -82,6 +86,8 @@ class VQGANLossSettings:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
     if self.restart_steps < 0:
       raise ValueError(f"restart_steps must be >= 0 (0: never), got {self.restart_steps}.")
+    if self.quantize_from_step < 0:
+      raise ValueError(f"quantize_from_step must be >= 0, got {self.quantize_from_step}.")
     if not 0.0 <= self.usage_decay < 1.0:
       raise ValueError(f"usage_decay must be in [0, 1), got {self.usage_decay}.")
 
@@ -105,9 +111,12 @@ class VQGANTrainState:
   usage: Array
 
 
-def vqgan_losses(module: Any, params: Any, pixels: Array, settings: VQGANLossSettings
-                 ) -> tuple[Array, dict[str, Array]]:
+def vqgan_losses(module: Any, params: Any, pixels: Array, settings: VQGANLossSettings,
+                 quantized: Array | bool = True) -> tuple[Array, dict[str, Array]]:
   """The training loss of ``module`` (a linen ``VQGAN``) on (b, H, W, 3) pixels in [0, 1].
+
+  ``quantized`` False (a bool or a traced scalar) decodes the unquantized latents instead
+  (the warm-up of ``settings.quantize_from_step``).
 
   Returns:
     (loss, aux) with aux: the loss terms, ``codes`` (b, h*w) int32 and ``latents`` (b*h*w, d)
@@ -117,11 +126,11 @@ def vqgan_losses(module: Any, params: Any, pixels: Array, settings: VQGANLossSet
   codebook = _get(params, _CODEBOOK).astype(jnp.float32)
   flat = latents.reshape(-1, latents.shape[-1])
   codes = nearest_codes(flat, codebook)
-  quantized = codebook[codes].reshape(latents.shape)
-  codebook_loss = jnp.mean((jax.lax.stop_gradient(latents) - quantized) ** 2)
-  commitment_loss = jnp.mean((latents - jax.lax.stop_gradient(quantized)) ** 2)
-  straight_through = latents + jax.lax.stop_gradient(quantized - latents)
-  images = module.apply({"params": params}, straight_through, method="decode").astype(jnp.float32)
+  vectors = codebook[codes].reshape(latents.shape)
+  codebook_loss = jnp.mean((jax.lax.stop_gradient(latents) - vectors) ** 2)
+  commitment_loss = jnp.mean((latents - jax.lax.stop_gradient(vectors)) ** 2)
+  decoded = jnp.where(quantized, latents + jax.lax.stop_gradient(vectors - latents), latents)
+  images = module.apply({"params": params}, decoded, method="decode").astype(jnp.float32)
   error = images - pixels.astype(jnp.float32)
   reconstruction = jnp.mean(jnp.abs(error)) if settings.reconstruction == "l1" else jnp.mean(error ** 2)
   loss = (reconstruction + settings.codebook_weight * codebook_loss
@@ -184,7 +193,8 @@ def make_vqgan_train_step(model: Any, optimizer: optax.GradientTransformation, m
 
   def train_step(state: VQGANTrainState, pixels: Array) -> tuple[VQGANTrainState, dict]:
     (loss, aux), grads = jax.value_and_grad(
-        lambda p: vqgan_losses(module, p, pixels, settings), has_aux=True)(state.params)
+        lambda p: vqgan_losses(module, p, pixels, settings, state.step >= settings.quantize_from_step),
+        has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     counts = jnp.zeros((n_embed,), jnp.float32).at[aux["codes"].reshape(-1)].add(1.0)
@@ -234,7 +244,8 @@ def _restart_dead_codes(params: Any, usage: Array, latents: Array, state: VQGANT
   if settings.restart_steps == 0:
     return params, usage, jnp.zeros((), jnp.float32)
   due = state.step % settings.restart_steps == 0
-  dead = due & ((usage < settings.restart_threshold / n_embed) | (state.step == 0))  # step 0: init from data
+  fresh_start = (state.step == 0) | (state.step == settings.quantize_from_step)  # (re)initialise from data
+  dead = (due & (usage < settings.restart_threshold / n_embed)) | fresh_start
   key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
   picks = jax.random.randint(key, (n_embed,), 0, latents.shape[0])
   fresh = jax.lax.stop_gradient(latents[picks])

@@ -80,7 +80,7 @@ class VQGANTrainingArguments:
       downsampling factor.
     train_batch_size, max_steps, seed: as for the text model (seed: data order, restarts, init).
     optimizer ... max_grad_norm: see :class:`~dalle_flax.training.optim.OptimizerSettings`.
-    reconstruction ... usage_decay: see :class:`~dalle_flax.training.vqgan_step.VQGANLossSettings`.
+    reconstruction ... quantize_from_step: see :class:`~dalle_flax.training.vqgan_step.VQGANLossSettings`.
     mesh: "dp=N" (the VQGAN is replicated; default: every device on dp).
     logging_steps, eval_steps, save_steps, save_total_limit: intervals in steps (eval 0: off).
     num_samples: eval images shown (with their reconstructions) in each sample grid.
@@ -111,6 +111,7 @@ class VQGANTrainingArguments:
   restart_steps: int = _LOSS.restart_steps
   restart_threshold: float = _LOSS.restart_threshold
   usage_decay: float = _LOSS.usage_decay
+  quantize_from_step: int = _LOSS.quantize_from_step
   mesh: str | None = None
   logging_steps: int = 10
   eval_steps: int = 0
@@ -185,6 +186,10 @@ def train_vqgan(args: VQGANTrainingArguments) -> VQGANTrainResult:
   if resolution % factor:
     raise ValueError(f"resolution {resolution} is not a multiple of the VQGAN's downsampling factor {factor}; "
                      f"use e.g. {max(factor, resolution // factor * factor)}.")
+  if model.config.ch * model.config.ch_mult[0] < 64:
+    logger.warning("ch * ch_mult[0] = %d: the decoder's last GroupNorm has one channel per group (32 groups), "
+                   "which normalises flat-coloured areas to zero, so their colour is hard to learn; use ch_mult[0] "
+                   ">= 2 (or ch >= 64).", model.config.ch * model.config.ch_mult[0])
   images = load_images(args.train_data, resolution)
   eval_images = load_images(args.eval_data, resolution) if args.eval_data else None
   if len(images) < args.train_batch_size:
