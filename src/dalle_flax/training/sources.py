@@ -290,7 +290,7 @@ def _webdataset(source: Any, caption_column: str | None, **_: Any) -> _Listing:
 
 
 def _datasets(source: Any, image_column: str | None, caption_column: str | None,
-              split: str) -> _Listing:
+              split: str, **_: Any) -> _Listing:
   try:
     import datasets
   except ImportError as e:
