@@ -18,7 +18,7 @@ from transformers import AutoConfig, PreTrainedConfig
 logger = logging.getLogger(__name__)
 
 GROUP_NORM_GROUPS = 32
-"""Every GroupNorm of the VQGAN uses 32 groups, so every normalised channel count is a multiple of 32."""
+"""The released VQGANs' GroupNorm group count (taming-transformers): the ``norm_num_groups`` default."""
 
 
 @strict
@@ -26,7 +26,8 @@ class VQGANConfig(PreTrainedConfig):
   r"""Configuration of a VQGAN (encoder, vector quantizer, decoder).
 
   Args:
-    ch: Base channel count; level ``i`` has ``ch * ch_mult[i]`` channels. Multiple of 32.
+    ch: Base channel count; level ``i`` has ``ch * ch_mult[i]`` channels. A multiple of
+      ``norm_num_groups``.
     out_ch: Channels of the decoded image (3 for RGB).
     in_channels: Channels of the encoded image (3 for RGB).
     num_res_blocks: ResnetBlocks per encoder level (the decoder has one more per level).
@@ -42,6 +43,9 @@ class VQGANConfig(PreTrainedConfig):
     resamp_with_conv: Whether down/upsampling use a 3x3 conv (else average pooling / plain
       nearest upsampling, with no parameters).
     give_pre_end: Whether the decoder returns its features before ``norm_out``/``conv_out``.
+    norm_num_groups: Groups of every GroupNorm (32, taming's, for the released models). A small
+      model wants several channels per group: with one, a GroupNorm is an instance norm, which
+      takes away the colour of a flat image region.
 
   A legacy ``num_resolutions`` key (written by vqgan-jax) is accepted and checked against
   ``len(ch_mult)``; it is derived, so it is never stored.
@@ -63,6 +67,7 @@ class VQGANConfig(PreTrainedConfig):
   double_z: bool = False
   resamp_with_conv: bool = True
   give_pre_end: bool = False
+  norm_num_groups: int = GROUP_NORM_GROUPS
 
   def __post_init__(self, **kwargs: Any) -> None:
     legacy_num_resolutions = kwargs.pop("num_resolutions", None)
@@ -104,18 +109,21 @@ class VQGANConfig(PreTrainedConfig):
       raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
 
   def validate_channel_layout(self) -> None:
-    """ch_mult must be non-empty positive integers, and every level's channels divisible by 32."""
+    """ch_mult must be non-empty positive integers, every level's channels divisible by the groups."""
     if len(self.ch_mult) == 0:
       raise ValueError("ch_mult must list at least one channel multiplier, got []")
     for i, mult in enumerate(self.ch_mult):
       if isinstance(mult, bool) or not isinstance(mult, int) or mult <= 0:
         raise ValueError(f"ch_mult[{i}] must be a positive integer, got {mult!r}")
+    groups = self.norm_num_groups
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+      raise ValueError(f"norm_num_groups must be a positive integer, got {groups!r}")
     for channels in [self.ch] + [self.ch * mult for mult in self.ch_mult]:
-      if channels % GROUP_NORM_GROUPS:
+      if channels % groups:
         raise ValueError(
-            f"GroupNorm uses {GROUP_NORM_GROUPS} groups, so every level's channel count must "
-            f"be a multiple of {GROUP_NORM_GROUPS}; ch={self.ch} with ch_mult={list(self.ch_mult)} "
-            f"gives {channels}. Use a ch that is a multiple of {GROUP_NORM_GROUPS}."
+            f"GroupNorm uses norm_num_groups={groups} groups, so every level's channel count must "
+            f"be a multiple of {groups}; ch={self.ch} with ch_mult={list(self.ch_mult)} "
+            f"gives {channels}. Use a ch that is a multiple of {groups}."
         )
 
   def validate_resolutions(self) -> None:

@@ -41,9 +41,9 @@ def _conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtyp
                  dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def _group_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.GroupNorm:
+def _group_norm(name: str, dtype: Dtype, param_dtype: Dtype, groups: int = GROUP_NORM_GROUPS) -> nn.GroupNorm:
   # flax computes the statistics in float32 whatever ``dtype`` is.
-  return nn.GroupNorm(num_groups=GROUP_NORM_GROUPS, epsilon=_EPSILON, dtype=dtype,
+  return nn.GroupNorm(num_groups=groups, epsilon=_EPSILON, dtype=dtype,
                       param_dtype=param_dtype, name=name)
 
 
@@ -54,13 +54,14 @@ class ResnetBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_groups: int = GROUP_NORM_GROUPS
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     """(b, h, w, c_in) -> (b, h, w, out_channels)."""
-    h = nn.swish(_group_norm("norm1", self.dtype, self.param_dtype)(x))
+    h = nn.swish(_group_norm("norm1", self.dtype, self.param_dtype, self.norm_groups)(x))
     h = _conv(self.out_channels, 3, "conv1", self.dtype, self.param_dtype)(h)
-    h = nn.swish(_group_norm("norm2", self.dtype, self.param_dtype)(h))
+    h = nn.swish(_group_norm("norm2", self.dtype, self.param_dtype, self.norm_groups)(h))
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     h = _conv(self.out_channels, 3, "conv2", self.dtype, self.param_dtype)(h)
     if x.shape[-1] != self.out_channels:
@@ -73,12 +74,13 @@ class AttnBlock(nn.Module):
 
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_groups: int = GROUP_NORM_GROUPS
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """(b, h, w, c) -> (b, h, w, c)."""
     b, height, width, c = x.shape
-    h = _group_norm("norm", self.dtype, self.param_dtype)(x)
+    h = _group_norm("norm", self.dtype, self.param_dtype, self.norm_groups)(x)
     q, k, v = (_conv(c, 1, name, self.dtype, self.param_dtype)(h).reshape(b, height * width, c)
                for name in ("q", "k", "v"))
     scores = jnp.einsum("bqc,bkc->bqk", q, k) * (c ** -0.5)  # (b, hw, hw)
@@ -134,14 +136,16 @@ class Level(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_groups: int = GROUP_NORM_GROUPS
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    normed = dict(kwargs, norm_groups=self.norm_groups)
     for j in range(self.num_blocks):
-      x = ResnetBlock(self.out_channels, self.dropout, name=f"block_{j}", **kwargs)(x, deterministic)
+      x = ResnetBlock(self.out_channels, self.dropout, name=f"block_{j}", **normed)(x, deterministic)
       if self.with_attention:
-        x = AttnBlock(name=f"attn_{j}", **kwargs)(x)
+        x = AttnBlock(name=f"attn_{j}", **normed)(x)
     if self.resample == "downsample":
       x = Downsample(self.resamp_with_conv, name="downsample", **kwargs)(x)
     elif self.resample == "upsample":
@@ -155,10 +159,11 @@ class MidBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_groups: int = GROUP_NORM_GROUPS
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-    kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype, norm_groups=self.norm_groups)
     channels = x.shape[-1]
     x = ResnetBlock(channels, self.dropout, name="block_1", **kwargs)(x, deterministic)
     x = AttnBlock(name="attn_1", **kwargs)(x)
@@ -177,19 +182,21 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_groups: int = GROUP_NORM_GROUPS
 
   @nn.compact
   def __call__(self, pixels: jax.Array, deterministic: bool = True) -> jax.Array:
     """(b, H, W, in_channels) -> (b, H/f, W/f, out_channels) with f = 2**(levels - 1)."""
     kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    normed = dict(kwargs, norm_groups=self.norm_groups)
     last = len(self.ch_mult) - 1
     h = _conv(self.ch, 3, "conv_in", **kwargs)(pixels)
     for i, mult in enumerate(self.ch_mult):
       h = Level(self.ch * mult, self.num_res_blocks, self.attention_levels[i],
                 "downsample" if i != last else None, self.resamp_with_conv, self.dropout,
-                name=f"down_{i}", **kwargs)(h, deterministic)
-    h = MidBlock(self.dropout, name="mid", **kwargs)(h, deterministic)
-    h = nn.swish(_group_norm("norm_out", **kwargs)(h))
+                name=f"down_{i}", **normed)(h, deterministic)
+    h = MidBlock(self.dropout, name="mid", **normed)(h, deterministic)
+    h = nn.swish(_group_norm("norm_out", groups=self.norm_groups, **kwargs)(h))
     return _conv(self.out_channels, 3, "conv_out", **kwargs)(h)
 
 
@@ -206,21 +213,23 @@ class Decoder(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_groups: int = GROUP_NORM_GROUPS
 
   @nn.compact
   def __call__(self, z: jax.Array, deterministic: bool = True) -> jax.Array:
     """(b, h, w, z_channels) -> (b, h*f, w*f, out_channels) with f = 2**(levels - 1)."""
     kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    normed = dict(kwargs, norm_groups=self.norm_groups)
     h = _conv(self.ch * self.ch_mult[-1], 3, "conv_in", **kwargs)(z)
-    h = MidBlock(self.dropout, name="mid", **kwargs)(h, deterministic)
+    h = MidBlock(self.dropout, name="mid", **normed)(h, deterministic)
     # Levels are named by resolution index like taming's (reversed) ``up`` list: up_{n-1} runs first.
     for i in reversed(range(len(self.ch_mult))):
       h = Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1, self.attention_levels[i],
                 "upsample" if i != 0 else None, self.resamp_with_conv, self.dropout,
-                name=f"up_{i}", **kwargs)(h, deterministic)
+                name=f"up_{i}", **normed)(h, deterministic)
     if self.give_pre_end:
       return h
-    h = nn.swish(_group_norm("norm_out", **kwargs)(h))
+    h = nn.swish(_group_norm("norm_out", groups=self.norm_groups, **kwargs)(h))
     return _conv(self.out_channels, 3, "conv_out", **kwargs)(h)
 
 
@@ -274,12 +283,13 @@ class VQGAN(nn.Module):
   give_pre_end: bool
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_groups: int = GROUP_NORM_GROUPS
 
   def setup(self) -> None:
     kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     shared = dict(ch=self.ch, ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
                   attention_levels=self.attention_levels, resamp_with_conv=self.resamp_with_conv,
-                  dropout=self.dropout, **kwargs)
+                  dropout=self.dropout, norm_groups=self.norm_groups, **kwargs)
     self.encoder = Encoder(out_channels=self.encoder_channels, **shared)
     self.quant_conv = _conv(self.embed_dim, 1, "quant_conv", **kwargs)
     self.quantize = VectorQuantizer(self.n_embed, self.embed_dim, **kwargs)
@@ -487,6 +497,7 @@ class FlaxVQGANModel(FlaxPreTrainedModel):
         dropout=float(config.dropout),
         resamp_with_conv=config.resamp_with_conv,
         give_pre_end=config.give_pre_end,
+        norm_groups=config.norm_num_groups,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
     )

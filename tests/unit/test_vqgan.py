@@ -90,10 +90,25 @@ def test_register_is_idempotent():
     (dict(double_z=1), StrictDataclassError, "expected bool"),
     (dict(ch_mult=[1, "2"]), StrictDataclassError, "ch_mult"),
     (dict(num_resolutions=4), ValueError, "num_resolutions=4 but ch_mult"),
+    (dict(ch=24, norm_num_groups=16), StrictDataclassError, "norm_num_groups=16 groups.*multiple of 16"),
+    (dict(norm_num_groups=0), StrictDataclassError, "norm_num_groups must be a positive integer"),
 ])
 def test_config_errors(kwargs, error, match):
   with pytest.raises(error, match=match):
     VQGANConfig(**kwargs)
+
+
+def test_norm_num_groups_is_used_and_saved(tiny, tmp_path):
+  """32 groups by default (the released models); another count keeps the parameters (GroupNorm's
+  are per channel) but changes the outputs, and survives save/load."""
+  assert VQGANConfig().norm_num_groups == 32 and tiny.config.norm_num_groups == 32
+  grouped = FlaxVQGANModel(VQGANConfig(**dict(TINY, norm_num_groups=4)), params=tiny.params)
+  codes = np.arange(16, dtype=np.int32).reshape(1, 16)
+  decoded = np.asarray(grouped.decode_code(codes))
+  assert not np.allclose(np.asarray(tiny.decode_code(codes)), decoded, atol=1e-3)
+  grouped.save_pretrained(tmp_path)
+  assert json.loads((tmp_path / "config.json").read_text())["norm_num_groups"] == 4
+  np.testing.assert_array_equal(np.asarray(FlaxVQGANModel.from_pretrained(tmp_path).decode_code(codes)), decoded)
 
 
 # --- parameter tree -----------------------------------------------------------------------

@@ -186,10 +186,13 @@ def train_vqgan(args: VQGANTrainingArguments) -> VQGANTrainResult:
   if resolution % factor:
     raise ValueError(f"resolution {resolution} is not a multiple of the VQGAN's downsampling factor {factor}; "
                      f"use e.g. {max(factor, resolution // factor * factor)}.")
-  if model.config.ch * model.config.ch_mult[0] < 64:
-    logger.warning("ch * ch_mult[0] = %d: the decoder's last GroupNorm has one channel per group (32 groups), "
-                   "which normalises flat-coloured areas to zero, so their colour is hard to learn; use ch_mult[0] "
-                   ">= 2 (or ch >= 64).", model.config.ch * model.config.ch_mult[0])
+  groups = model.config.norm_num_groups
+  narrowest = min([model.config.ch] + [model.config.ch * m for m in model.config.ch_mult])
+  if narrowest < 4 * groups:
+    logger.warning("the narrowest GroupNorm has %d channels in %d groups (%d per group): with so few a "
+                   "GroupNorm acts like an instance norm and removes the colour of flat areas, which is slow "
+                   "to learn; use norm_num_groups <= %d in the VQGAN config (or a wider ch).",
+                   narrowest, groups, narrowest // groups, max(1, narrowest // 4))
   images = load_images(args.train_data, resolution)
   eval_images = load_images(args.eval_data, resolution) if args.eval_data else None
   if len(images) < args.train_batch_size:
