@@ -26,7 +26,23 @@ class DalleBartTokenizer(BartTokenizer):
   Identical to transformers' ``BartTokenizer`` (``RobertaTokenizer`` in 5.x). DALL·E mini's text
   normalizer prefixes every prompt with one space, so the first word gets the ``Ġ`` prefix of
   the others even though ``add_prefix_space`` is False.
+
+  Built from files, it takes transformers 4's ``vocab_file=`` / ``merges_file=`` names as well as
+  5.x's ``vocab=`` / ``merges=`` (a path or the loaded object). 5.x's ``RobertaTokenizer`` quietly
+  ignores the 4.x names and builds a tokenizer of the five special tokens alone, which maps every
+  caption to ``<s> </s>``: a model trained with it never sees its text.
   """
+
+  def __init__(self, vocab=None, merges=None, *args, vocab_file=None, merges_file=None, **kwargs):
+    if vocab is None and vocab_file is not None:
+      vocab = vocab_file
+    if merges is None and merges_file is not None:
+      merges = merges_file
+    if (vocab is None) != (merges is None):
+      given, missing = ("vocab", "merges") if merges is None else ("merges", "vocab")
+      raise ValueError(f"DalleBartTokenizer got {given} but no {missing}: a byte-level BPE needs both "
+                       "(vocab.json and merges.txt, or vocab= and merges=).")
+    super().__init__(vocab, merges, *args, vocab_file=vocab_file, merges_file=merges_file, **kwargs)
 
 
 # The original also had a "Fast" variant; in transformers 5.x both names are one class.

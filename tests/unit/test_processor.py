@@ -282,3 +282,17 @@ def test_package_exports():
   assert dalle_flax.TextNormalizer is TextNormalizer
   assert dalle_flax.DalleBartTokenizer is DalleBartTokenizer
   assert dalle_flax.DalleMiniProcessor is DalleMiniProcessor
+
+
+def test_tokenizer_built_from_files_takes_the_4x_and_5x_names(repo: Path, processor: DalleMiniProcessor):
+  """transformers 5's RobertaTokenizer drops vocab_file= / merges_file= (4.x names) without a
+  word and keeps only its special tokens; ours reads them."""
+  files = {"vocab": str(repo / "vocab.json"), "merges": str(repo / "merges.txt")}
+  expected = processor.tokenizer(" a red circle")["input_ids"]
+  for kwargs in (files, {f"{k}_file": v for k, v in files.items()}):
+    tokenizer = DalleBartTokenizer(**kwargs)
+    assert len(tokenizer) == len(processor.tokenizer) > 5
+    assert tokenizer(" a red circle")["input_ids"] == expected
+  for name in ("vocab", "merges"):
+    with pytest.raises(ValueError, match=f"got {name} but no"):
+      DalleBartTokenizer(**{f"{name}_file": files[name]})

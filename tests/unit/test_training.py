@@ -4,6 +4,7 @@ Run: ``python -m pytest tests/unit/test_training.py -q`` (the 8-device check: ``
 Tiny models and tiny synthetic parquet shards written in ``tmp_path``; nothing from outside.
 """
 
+import copy
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ import pytest
 
 from dalle_flax import (
   DalleBartConfig,
+  DalleBartTokenizer,
   DalleMiniProcessor,
   FlaxDalleMiniForConditionalGeneration,
 )
@@ -243,6 +245,17 @@ def test_files_and_arguments_are_checked(tmp_path, numbered, processor):
                         ({"config": tiny_config(max_text_length=12)}, "processor.max_text_length is 16 but config")]:
     with pytest.raises(ValueError, match=match):
       make_dataset(rows, processor, kwargs.pop("config", tiny_config()), **{"batch_size": 4, **kwargs})
+
+
+def test_a_tokenizer_without_its_vocabulary_is_refused_before_training(numbered, processor):
+  """transformers 5's RobertaTokenizer ignores 4.x's vocab_file=: every caption -> <s> </s>."""
+  empty = copy.copy(processor)
+  empty.tokenizer = DalleBartTokenizer()  # the five special tokens and nothing else
+  rows = load_encoded_rows(numbered, tiny_config())
+  with pytest.raises(ValueError, match=r"every caption into special tokens only \(e\.g\. ' row 0' -> "
+                                       r"\['<s>', '</s>'\]\); its vocabulary holds 5 entries"):
+    make_dataset(rows, processor=empty, config=tiny_config(), batch_size=4)
+  make_dataset(rows, processor, tiny_config(), batch_size=4)  # the real vocabulary passes
 
 
 # --- optimizers and schedules -------------------------------------------------------------------

@@ -214,6 +214,27 @@ def prepare_batch(captions: Sequence[str], codes: np.ndarray, processor: Any, de
   }
 
 
+def check_tokenizer(processor: Any, captions: Sequence[str]) -> None:
+  """Raises when the tokenizer turns every non-empty caption of ``captions`` into special tokens.
+
+  A tokenizer that lost its vocabulary (built from files under a name the tokenizer class does
+  not read, a wrong folder) maps every caption to ``<s> </s>``; a model trained on that learns
+  to ignore its text, and nothing else would fail.
+  """
+  texts = [text for text in (processor.normalize(c) for c in captions) if text.strip()]
+  if not texts:
+    return
+  tokenizer = processor.tokenizer
+  special = set(tokenizer.all_special_ids)
+  with _TOKENIZER_LOCK:
+    ids = tokenizer(texts[:64])["input_ids"]
+  if all(set(row) <= special for row in ids):
+    raise ValueError(f"the tokenizer turns every caption into special tokens only (e.g. {texts[0]!r} -> "
+                     f"{tokenizer.convert_ids_to_tokens(ids[0])}); its vocabulary holds {len(tokenizer)} "
+                     "entries. Load it with from_pretrained(folder), or build it with vocab= and merges= "
+                     "(DalleBartTokenizer also takes vocab_file= and merges_file=).")
+
+
 def make_dataset(rows: EncodedRows, processor: Any, config: Any, *, batch_size: int, seed: int = 0,
                  blank_caption_prob: float = 0.1, shuffle: bool = True, num_epochs: int | None = None,
                  drop_remainder: bool = True, num_threads: int = 2, prefetch: int = 4,
@@ -263,6 +284,7 @@ def make_dataset(rows: EncodedRows, processor: Any, config: Any, *, batch_size: 
       raise ValueError(f"processor.{name} is {getattr(processor, name)!r} but config.{name} is "
                        f"{getattr(config, name)!r}; load the processor from the model's folder or pass "
                        f"DalleMiniProcessor(..., {name}={getattr(config, name)!r}).")
+  check_tokenizer(processor, rows.captions[:256])
   ds = grain.MapDataset.source(rows)
   if shuffle:
     ds = ds.shuffle(seed=int(np.random.SeedSequence([seed, 0]).generate_state(1)[0]))
