@@ -6,10 +6,15 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
+# the browser test drives Debian's Chromium (Playwright cannot download a browser here)
+if [ ! -x /usr/bin/chromium ]; then
+  SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
+  $SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium >/dev/null
+fi
 python -m pip install -q --upgrade pip
 # torch first, pinned: the CPU build these machines carry; an unpinned torch pulls CUDA (GBs).
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,torch,train,tensorboard]"  # not wandb: its tests use a fake module
+python -m pip install -q -e ".[test,torch,train,tensorboard,web]"  # not wandb: its tests use a fake module
 run() {
   set +e; python -m pytest "$@"; rc=$?; set -e
   if [ "$rc" -eq 5 ]; then echo "pytest collected no tests for: $*" >&2; exit 1; fi

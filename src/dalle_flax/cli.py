@@ -9,7 +9,8 @@ Commands::
       [--negative-prompt NP] [--grid] [--seamless] [--batch-size B] [--out DIR]
       [--dtype {float32,bfloat16,float16}] [--no-progress]
   dalle-flax convert TEXT_MODEL [--vqgan V] [--revision R] [--vqgan-revision R] --out DIR
-  dalle-flax serve [--model M] [--vqgan V] [--revision R] [--dtype D] [--host H] [--port P]
+  dalle-flax serve [--model M ...] [--vqgan V] [--revision R] [--dtype D] [--host H] [--port P]
+      [--max-queue Q] [--progress-every N]
   dalle-flax encode SOURCE --vqgan V --out DIR [--source-type T] [--batch-size B] [--shard-size S]
       [--min-size M] [--on-bad-image {skip,error}] [--push-to-hub REPO] [--no-progress]
   dalle-flax train [CONFIG.json|yaml] --model M --train-data DIR --output-dir DIR [--max-steps N] ...
@@ -19,7 +20,7 @@ Commands::
 per prompt with ``--grid``/``--seamless``) and prints their paths, one per line; rerun with
 ``--seed <seed> --num-images 1`` to get one image again. ``convert`` turns a released two-repo
 checkpoint (text model + VQGAN, msgpack) into one safetensors pipeline folder. ``serve`` loads
-the model once, prints the demo's URL and serves it (``dalle_flax.web``) until Ctrl-C.
+the models once, prints the demo's URL and serves it (``dalle_flax.web``, FastAPI) until Ctrl-C.
 ``encode`` turns captioned images into the parquet shards fine-tuning reads
 (``dalle_flax.training.encode``), prints a summary, and resumes when run again. ``train``
 fine-tunes on those shards (``dalle_flax.training.train``; every ``TrainingArguments`` field is a
@@ -109,6 +110,18 @@ def _port(text: str) -> int:
   return value
 
 
+def _bounded_int(flag: str, low: int, high: int):
+  """An argparse type: an integer in [low, high]."""
+  def parse(text: str) -> int:
+    value = _int(text)
+    if not low <= value <= high:
+      raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {text!r}")
+    return value
+
+  parse.__name__ = flag.lstrip("-").replace("-", "_")  # argparse names the type in its errors
+  return parse
+
+
 def _probability(text: str) -> float:
   value = _finite_float(text)
   if not 0 < value <= 1:
@@ -169,11 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
 
   serve = commands.add_parser(
       "serve", help="serve the web demo on this machine",
-      description="Load the model once, print the URL and serve the demo page and its JSON API "
-                  "(POST /api/generate; POST /generate for dalle-mini's front-ends) until Ctrl-C.")
+      description="Load the models once, print the URL and serve the demo page, its JSON and streaming "
+                  "API (POST /api/generate, /api/generate/stream; POST /generate for dalle-mini's "
+                  "front-ends; /docs) until Ctrl-C. Needs the [web] extra.")
   add = serve.add_argument
-  add("--model", default=default,
-      help=f"pipeline folder or Hub repo id (default: {default_help})")
+  add("--model", action="append", default=None,
+      help=f"pipeline folder or Hub repo id; give it again to serve several (the page has a selector, "
+           f"the first is the default; default: {default_help})")
   add("--vqgan", help="VQGAN repo id or folder (default: the model's own)")
   add("--revision", help="branch, tag or commit of --model")
   add("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
@@ -181,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
   add("--host", default="127.0.0.1",
       help="address to bind (default: 127.0.0.1, reachable from this machine only)")
   add("--port", type=_port, default=8000, help="port to bind; 0 picks a free one (default: 8000)")
-  serve.set_defaults(func=_serve)
+  add("--max-queue", type=_bounded_int("--max-queue", 0, 1000), default=8,
+      help="requests that may wait behind the running one; more get 429 (default: 8)")
+  add("--progress-every", type=_bounded_int("--progress-every", 1, 1024), default=16,
+      help="image tokens between streamed previews (default: 16)")
+  serve.set_defaults(func=_serve, default_model=default)
 
   encode = commands.add_parser(
       "encode", help="encode captioned images with a VQGAN into parquet shards for fine-tuning",
@@ -308,12 +327,17 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-  from .web import serve
+  from . import web  # fails here, before a model loads, when the [web] extra is missing
 
-  pipe = _load_pipeline(args)
-  pipe.set_progress_bar_config(disable=True)
-  logging.getLogger("dalle_flax.web").setLevel(logging.INFO)  # one log line per request
-  serve(pipe, args.host, args.port, on_ready=lambda url: print(url, flush=True))
+  names = list(dict.fromkeys(args.model or ([args.default_model] if args.default_model else [None])))
+  pipes = {}
+  for name in names:
+    pipe = _load_pipeline(argparse.Namespace(**{**vars(args), "model": name}))
+    pipe.set_progress_bar_config(disable=True)
+    pipes[name] = pipe
+  logging.getLogger("dalle_flax.web").setLevel(logging.INFO)  # one log line per generation
+  web.serve(pipes, args.host, args.port, max_queue=args.max_queue, progress_every=args.progress_every,
+            on_ready=lambda url: print(url, flush=True))
   return 0
 
 

@@ -1,13 +1,23 @@
-"""The local web demo of dalle-flax: a standard-library HTTP server, one page, a JSON API.
+"""The web demo of dalle-flax: a FastAPI app (page, JSON and streaming API) served by uvicorn.
 
-Example: ``dalle_flax.web.serve(dalle_flax.pipeline("text-to-image", model="path/or/repo"))``.
+Example: ``dalle_flax.web.serve(dalle_flax.pipeline("text-to-image"))``, or from the command line
+``dalle-flax serve [--model M ...] [--max-queue 8]``. Needs the ``[web]`` extra (fastapi, uvicorn).
 
-``dalle-flax serve`` runs it from the command line; see :mod:`dalle_flax.web.server` for the
-routes and the JSON contract.
+:mod:`dalle_flax.web.app` has the routes and their contracts, :mod:`dalle_flax.web.jobs` the
+one-at-a-time generation queue, :mod:`dalle_flax.web.server` the uvicorn server.
 """
 
-from .server import (LEGACY_NUM_IMAGES, MAX_BODY_BYTES, MAX_IMAGES, DemoServer, RequestError,
-                     make_server, parse_generate_request, serve)
+try:
+  from .app import (LEGACY_NUM_IMAGES, MAX_BODY_BYTES, MAX_IMAGES, MAX_PROMPT_CHARS, GenerateRequest,
+                    GenerateResponse, HealthResponse, LegacyGenerateResponse, create_app)
+  from .server import DemoServer, make_server, serve
+except ModuleNotFoundError as error:  # pragma: no cover (exercised in a venv without the extra)
+  if error.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+    raise
+  raise ModuleNotFoundError(f"the web demo needs {error.name}: pip install 'dalle-flax[web]'",
+                            name=error.name) from error
+from .jobs import Cancelled, GenerationQueue, Job, QueueFull
 
-__all__ = ["LEGACY_NUM_IMAGES", "MAX_BODY_BYTES", "MAX_IMAGES", "DemoServer", "RequestError",
-           "make_server", "parse_generate_request", "serve"]
+__all__ = ["LEGACY_NUM_IMAGES", "MAX_BODY_BYTES", "MAX_IMAGES", "MAX_PROMPT_CHARS", "Cancelled", "DemoServer",
+           "GenerateRequest", "GenerateResponse", "GenerationQueue", "HealthResponse", "Job",
+           "LegacyGenerateResponse", "QueueFull", "create_app", "make_server", "serve"]
