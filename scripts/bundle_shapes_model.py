@@ -178,7 +178,7 @@ Recipe: `python scripts/train_shapes_model.py` (every setting and seed in its `C
 
 - Data: {data['train']} training scenes (`dalle_flax.datasets.shapes`, seed {data['train_seed']}), one shape each, captions from
   several templates with synonyms; {data['eval']} eval scenes of held-out combinations only.
-- VQGAN: {config['vqgan']['max_steps']} steps x {config['vqgan']['train_batch_size']} images, AdamW lr {config['vqgan']['learning_rate']} (cosine), L1
+- VQGAN: {config['vqgan']['max_steps']} steps x {config['vqgan']['train_batch_size']} images, AdamW lr {config['vqgan']['learning_rate']} (cosine), {config['vqgan']['reconstruction'].upper()}
   reconstruction + codebook + 0.25 commitment, dead-code restarts every {config['vqgan']['restart_steps']} steps; final eval
   PSNR {_fmt(_last(vq_metrics, 'eval_psnr'))} dB, {_fmt(_last(vq_metrics, 'eval_codes_used'))} codes used on the eval images.
 - DalleBart: {config['text']['max_steps']} steps x {config['text']['train_batch_size']}, AdamW lr {config['text']['learning_rate']} (warmup {config['text']['warmup_steps']},
@@ -191,7 +191,9 @@ Recipe: `python scripts/train_shapes_model.py` (every setting and seed in its `C
 ## Limits
 
 Only this toy world: the ten colours, six shapes, two sizes and five positions of the
-renderer, one shape per image, 64x64 pixels. Other words are ignored or give arbitrary shapes.
+renderer, one shape per image, 64x64 pixels. Shapes are the weak point: with an 8x8 code grid
+the decoder draws soft blobs, and the checker reads the intended shape far less often than the
+colours, background and position (see Evaluation; chance is 1/6). Other words are ignored or give arbitrary shapes.
 Colour names outside the ten and two-object prompts are not understood. It shows that the
 training path works end to end; for real pictures load `dalle-mini/dalle-mini`.
 """

@@ -43,17 +43,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .bundled import BUNDLED_MODEL
+
 if TYPE_CHECKING:
   from .pipelines import TextToImagePipeline
 
 __all__ = ["BUNDLED_MODEL", "build_parser", "default_model", "main"]
 
-BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "tiny-dalle-mini"
-"""The tiny pipeline committed with the repository (random weights, 64x64 images)."""
-
 
 def default_model() -> str | None:
-  """The ``--model`` default: the bundled tiny pipeline when this is a source checkout."""
+  """The ``--model`` default: the bundled shapes pipeline (None if this installation lacks it)."""
   return str(BUNDLED_MODEL) if (BUNDLED_MODEL / "config.json").is_file() else None
 
 
@@ -138,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   default = default_model()
   default_help = (
-      "the bundled tiny test pipeline tests/fixtures/tiny-dalle-mini (random weights, 64x64 "
-      "images): pass --model dalle-mini/dalle-mini for real images" if default else
+      "the bundled shapes model (coloured shapes at 64x64, offline: 'a red circle on a blue "
+      "background'); pass --model dalle-mini/dalle-mini for real pictures" if default else
       "none bundled with this installation; required")
   generate = commands.add_parser(
       "generate", help="generate images from prompts",

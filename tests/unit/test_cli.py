@@ -33,13 +33,14 @@ def run(argv, capsys):
   return code, captured.out.splitlines(), captured.err
 
 
-def test_default_model_is_the_bundled_tiny_pipeline(capsys):
-  assert cli.default_model() == str(TINY)
+def test_default_model_is_the_bundled_shapes_pipeline(capsys):
+  bundled = Path(dalle_flax.__file__).resolve().parent / "bundled" / "shapes"
+  assert cli.default_model() == str(bundled)
   with pytest.raises(SystemExit) as exit_info:
     cli.main(["generate", "--help"])
   assert exit_info.value.code == 0
   help_text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
-  assert "tests/fixtures/tiny-dalle-mini" in help_text and "--modeldalle-mini/dalle-mini" in help_text
+  assert "bundledshapesmodel" in help_text and "--modeldalle-mini/dalle-mini" in help_text
 
 
 def test_generate_writes_one_png_per_image(tmp_path, capsys):
@@ -49,7 +50,7 @@ def test_generate_writes_one_png_per_image(tmp_path, capsys):
   seeds = image_seeds(5, 2)
   assert paths == [str(tmp_path / f"a-red-apple_{s}.png") for s in seeds]
   written = np.stack([np.asarray(Image.open(p)) for p in paths])
-  pipe = dalle_flax.pipeline("text-to-image", model=TINY)
+  pipe = dalle_flax.pipeline("text-to-image", model=cli.default_model())  # no --model: the bundled one
   pipe.set_progress_bar_config(disable=True)
   expected = np.stack([np.asarray(im) for im in pipe("a red apple", num_images_per_prompt=2, seed=5)])
   np.testing.assert_array_equal(written, expected)

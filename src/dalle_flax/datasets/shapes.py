@@ -249,24 +249,36 @@ def _article(word: str) -> str:
   return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
-def _objects(scene: Scene, choose) -> str:
-  phrases = [_article(f"{choose(SIZE_WORDS[s.size])} {choose(COLOUR_WORDS[s.colour])} {s.shape} "
-                      f"{choose(POSITION_PHRASES[s.position])}") for s in scene.shapes]
+OMIT_PROB = 0.25
+"""Chance that a random caption leaves out a shape's size word, and (separately) its position
+phrase: users write "a green triangle on a white background" as often as the full description."""
+
+
+def _objects(scene: Scene, choose, omit=lambda: False) -> str:
+  phrases = []
+  for s in scene.shapes:
+    words = [] if omit() else [choose(SIZE_WORDS[s.size])]
+    words += [choose(COLOUR_WORDS[s.colour]), s.shape]
+    if not omit():
+      words.append(choose(POSITION_PHRASES[s.position]))
+    phrases.append(_article(" ".join(words)))
   return " and ".join(phrases)
 
 
-def _fill(template: str, scene: Scene, choose) -> str:
+def _fill(template: str, scene: Scene, choose, omit=lambda: False) -> str:
   bg = choose(COLOUR_WORDS[scene.background])
-  return template.format(objects=_objects(scene, choose), bg=bg, a_bg=_article(bg))
+  return template.format(objects=_objects(scene, choose, omit), bg=bg, a_bg=_article(bg))
 
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
   """A lowercase English caption of ``scene``: a random template and random synonyms.
 
-  Every caption names the background colour and, for each shape in order, its size word, colour,
-  shape and position phrase, as "a big red star on the left" (joined by " and " for two shapes).
+  Every caption names the background colour and, for each shape in order, its colour and shape,
+  with its size word and position phrase each left out with probability :data:`OMIT_PROB`, as
+  "a big red star on the left" or "a red star" (joined by " and " for two shapes).
   """
-  return _fill(_pick(rng, _TEMPLATES), scene, lambda words: _pick(rng, words))
+  return _fill(_pick(rng, _TEMPLATES), scene, lambda words: _pick(rng, words),
+               lambda: bool(rng.random() < OMIT_PROB))
 
 
 def eval_caption(scene: Scene) -> str:

@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+from ..bundled import BUNDLED_MODEL, bundled_model
 from .text_to_image import TextToImagePipeline
 
 logger = logging.getLogger(__name__)
@@ -19,8 +20,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["DEFAULT_MODEL", "SUPPORTED_TASKS", "pipeline"]
 
 SUPPORTED_TASKS = {"text-to-image": TextToImagePipeline}
-DEFAULT_MODEL = ("dalle-mini/dalle-mini", "main")
-"""(repo id, revision) used when no model is given, here and in transformers' factory."""
+DEFAULT_MODEL = (str(BUNDLED_MODEL), None)
+"""(model, revision) used when no model is given, here and in transformers' factory: the bundled
+shapes pipeline folder (offline; a local folder has no revision)."""
 
 
 def pipeline(
@@ -39,8 +41,8 @@ def pipeline(
     task: "text-to-image".
     model: a single-folder pipeline or a text model (folder or repo id), a
       ``DalleMiniPipelineModel``, or a ``FlaxDalleMiniForConditionalGeneration`` (then pass
-      ``vqgan`` and ``processor`` / ``tokenizer``). None: :data:`DEFAULT_MODEL` (mini-1, a
-      1.75 GB download), with a warning, as transformers' ``pipeline`` does.
+      ``vqgan`` and ``processor`` / ``tokenizer``). None: :data:`DEFAULT_MODEL`, the bundled shapes model
+      (:mod:`dalle_flax.bundled`, offline), with a warning, as transformers' ``pipeline`` does.
     vqgan: the VQGAN (repo id, folder or ``FlaxVQGANModel``); needed for text-only repos that
       are not one of the released DALL·E mini models.
     revision: branch, tag or commit of ``model``.
@@ -61,8 +63,9 @@ def pipeline(
   if model is None:
     model, default_revision = DEFAULT_MODEL
     revision = revision or default_revision
-    logger.warning("No model was supplied, defaulted to %s at revision %s; pass model= (a pipeline "
-                   "folder or repo id) to choose.", model, revision)
+    bundled_model()  # a clear error when this installation lacks it
+    logger.warning("No model was supplied, defaulted to the bundled shapes model %s; pass model= (a "
+                   "pipeline folder or repo id, e.g. dalle-mini/dalle-mini) to choose.", model)
   pipeline_class = SUPPORTED_TASKS[task]
   if isinstance(model, (str, os.PathLike)):
     return pipeline_class.from_pretrained(model, vqgan=vqgan, revision=revision, dtype=dtype,
