@@ -255,7 +255,12 @@ def _add_training_flags(parser: argparse.ArgumentParser, kind: str = "text") -> 
   import dataclasses
 
   parsers = {"int": _int, "float": _finite_float, "str": str}
-  for field in dataclasses.fields(_arguments_class(kind)):
+  try:
+    arguments_class = _arguments_class(kind)
+  except ModuleNotFoundError as error:  # no [train] extra: `generate` still works, this command says why not
+    parser.set_defaults(missing_module=error.name)
+    return
+  for field in dataclasses.fields(arguments_class):
     names = [f"--{field.name.replace('_', '-')}"] + ([f"--{field.name}"] if "_" in field.name else [])
     kind = str(field.type).replace(" | None", "")
     default = field.default if field.default is not dataclasses.MISSING else None
@@ -368,7 +373,15 @@ def _arguments_class(kind: str) -> type:
   return TrainingArguments
 
 
+def _missing_train_extra(args: argparse.Namespace) -> int:
+  print(f"dalle-flax: error: {args.command} needs the [train] extra (missing {args.missing_module}): "
+        "pip install 'dalle-flax[train]'", file=sys.stderr)
+  return 1
+
+
 def _train_vqgan(args: argparse.Namespace) -> int:
+  if getattr(args, "missing_module", None):
+    return _missing_train_extra(args)
   from .training.arguments import load_arguments_file
   from .training.vqgan_trainer import VQGANTrainingArguments, train_vqgan
 
@@ -386,7 +399,14 @@ def _train_vqgan(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-  from .training import TrainingArguments, train
+  if getattr(args, "missing_module", None):
+    return _missing_train_extra(args)
+  try:
+    from .training import train
+  except ModuleNotFoundError as error:
+    args.missing_module = error.name
+    return _missing_train_extra(args)
+  from .training import TrainingArguments
   from .training.arguments import load_arguments_file
 
   settings = load_arguments_file(args.config) if args.config else {}
@@ -412,7 +432,9 @@ def _one_line(error: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the command line; returns the exit status (0 success, 1 error, 2 bad usage)."""
   parser = build_parser()
-  args = parser.parse_args(argv)
+  args, unknown = parser.parse_known_args(argv)
+  if unknown and not getattr(args, "missing_module", None):  # a command without [train] takes any flags
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   try:
     return args.func(args)

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -164,3 +165,25 @@ def test_generate_takes_guidance_from_the_generation_config(tmp_path, capsys):
   written = np.asarray(Image.open(path))
   np.testing.assert_array_equal(written, np.asarray(pipe("a red apple", seed=4, guidance_scale=3.0)[0]))
   assert (written != np.asarray(pipe("a red apple", seed=4)[0])).any()  # unguided differs
+
+
+def test_generate_needs_no_train_extra_and_train_commands_say_how_to_get_it(tmp_path):
+  """Without grain/optax/orbax/pyarrow (a plain `pip install dalle-flax`) the parser builds, so
+  `generate` works, and train / train-vqgan name the extra to install."""
+  code = textwrap.dedent("""
+      import importlib.abc, sys
+      class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+          if name.split(".")[0] in ("grain", "optax", "orbax", "pyarrow"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+      sys.meta_path.insert(0, Block())
+      from dalle_flax import cli
+      cli.build_parser()
+      sys.exit(cli.main(sys.argv[1:]))
+  """)
+  for argv in (["train-vqgan", "vqgan.json"], ["train", "--model", "m", "--train-data", "d", "--output-dir", "o"]):
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 1, done.stderr
+    assert f"dalle-flax: error: {argv[0]} needs the [train] extra" in done.stderr, done.stderr
+    assert "pip install 'dalle-flax[train]'" in done.stderr and "Traceback" not in done.stderr

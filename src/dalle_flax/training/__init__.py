@@ -10,18 +10,37 @@ file: ``sources`` (image + caption readers), ``encode`` (VQGAN encoding to parqu
 ``vqgan_trainer`` (:func:`train_vqgan`) train a VQGAN with the same checkpoints and resume.
 """
 
-from .arguments import TrainingArguments
-from .checkpoint import Checkpoints
-from .data import load_encoded_rows, make_dataset, prepare_batch
-from .lora import LORA_TARGETS, LoraSettings, merge_lora
-from .encode import INFO_NAME, SKIP_REASONS, EncodeSummary, encode_dataset, push_encoded_dataset
-from .optim import OptimizerSettings, build_optimizer, learning_rate_schedule
-from .sources import SOURCE_TYPES, open_source
-from .step import (TrainState, abstract_train_state, init_train_state, loss_and_accuracy, make_eval_step,
-                   make_train_step, shard_batch)
-from .trainer import TrainResult, train
-from .vqgan_step import VQGANLossSettings, VQGANTrainState, vqgan_losses
-from .vqgan_trainer import VQGANTrainingArguments, VQGANTrainResult, train_vqgan
+import importlib
+from typing import Any
+
+# name -> submodule; loaded on first use, so `dalle-flax generate` (whose parser lists the training
+# flags from the argument dataclasses) works without the [train] extra
+_EXPORTS = {
+    "TrainingArguments": "arguments", "Checkpoints": "checkpoint", "load_encoded_rows": "data",
+    "make_dataset": "data", "prepare_batch": "data", "LORA_TARGETS": "lora", "LoraSettings": "lora",
+    "merge_lora": "lora", "INFO_NAME": "encode", "SKIP_REASONS": "encode", "EncodeSummary": "encode",
+    "encode_dataset": "encode", "push_encoded_dataset": "encode", "OptimizerSettings": "optim",
+    "build_optimizer": "optim", "learning_rate_schedule": "optim", "SOURCE_TYPES": "sources",
+    "open_source": "sources", "TrainState": "step", "abstract_train_state": "step", "init_train_state": "step",
+    "loss_and_accuracy": "step", "make_eval_step": "step", "make_train_step": "step", "shard_batch": "step",
+    "TrainResult": "trainer", "train": "trainer", "VQGANLossSettings": "vqgan_step",
+    "VQGANTrainState": "vqgan_step", "vqgan_losses": "vqgan_step", "VQGANTrainingArguments": "vqgan_trainer",
+    "VQGANTrainResult": "vqgan_trainer", "train_vqgan": "vqgan_trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+  module = _EXPORTS.get(name)
+  if module is None:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  value = getattr(importlib.import_module(f".{module}", __name__), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "INFO_NAME", "LORA_TARGETS", "SKIP_REASONS", "LoraSettings", "merge_lora", "SOURCE_TYPES", "Checkpoints", "EncodeSummary", "OptimizerSettings",
