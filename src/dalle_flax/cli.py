@@ -102,13 +102,6 @@ def _positive_float(text: str) -> float:
   return value
 
 
-def _port(text: str) -> int:
-  value = _int(text)
-  if not 0 <= value <= 65535:
-    raise argparse.ArgumentTypeError(f"expected an integer in [0, 65535], got {text!r}")
-  return value
-
-
 def _bounded_int(flag: str, low: int, high: int):
   """An argparse type: an integer in [low, high]."""
   def parse(text: str) -> int:
@@ -194,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="computation dtype of the text model (default: float32)")
   add("--host", default="127.0.0.1",
       help="address to bind (default: 127.0.0.1, reachable from this machine only)")
-  add("--port", type=_port, default=8000, help="port to bind; 0 picks a free one (default: 8000)")
+  add("--port", type=_bounded_int("--port", 0, 65535), default=8000, help="port to bind; 0 picks a free one (default: 8000)")
   add("--max-queue", type=_bounded_int("--max-queue", 0, 1000), default=8,
       help="requests that may wait behind the running one; more get 429 (default: 8)")
   add("--progress-every", type=_bounded_int("--progress-every", 1, 1024), default=16,
