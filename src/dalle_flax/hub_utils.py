@@ -10,6 +10,7 @@ the same, and the real huggingface_hub download paths (cache, revisions, ``HF_HU
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -159,6 +160,63 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
     raise
+
+
+class StagedFiles:
+  """Files written under temporary names first and renamed into place together by :meth:`commit`.
+
+  Example::
+
+      with StagedFiles(folder) as staged:
+        staged.add("model-00001-of-00002.safetensors", data1)
+        staged.add("model-00002-of-00002.safetensors", data2)
+        staged.commit()  # every rename happens only after every file is on disk
+
+  A failure while writing (disk full, an exception) leaves the folder as it was; leaving the
+  block without :meth:`commit` removes the temporary files. ``sha256`` holds each file's hash,
+  computed from the bytes written.
+  """
+
+  def __init__(self, folder: str | os.PathLike) -> None:
+    self.folder = Path(folder)
+    self.sha256: dict[str, str] = {}
+    self._staged: list[tuple[str, Path]] = []
+
+  def __enter__(self) -> StagedFiles:
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.discard()
+
+  def add(self, name: str, data: bytes | str) -> None:
+    if isinstance(data, str):
+      data = data.encode("utf-8")
+    self.folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.folder)
+    self._staged.append((tmp, self.folder / name))
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
+    self.sha256[name] = hashlib.sha256(data).hexdigest()
+
+  def commit(self, before_rename: Callable[[], None] | None = None) -> set[str]:
+    """Renames every staged file into place (after ``before_rename()``); returns their names."""
+    if before_rename is not None:
+      before_rename()
+    names = set()
+    while self._staged:
+      tmp, path = self._staged.pop(0)
+      os.replace(tmp, path)
+      names.add(path.name)
+    return names
+
+  def discard(self) -> None:
+    for tmp, _ in self._staged:
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    self._staged.clear()
 
 
 def _umask() -> int:

@@ -31,7 +31,10 @@ import safetensors.numpy
 from flax import serialization
 from transformers import PreTrainedConfig
 
-from .hub_utils import HubOptions, atomic_write, atomic_write_json, push_folder, read_json_object, resolve_file
+from .file_checks import (CHECKSUMS_NAME, contained_shard, sniff_weights_file, verify_checksums, within_folder,
+                          write_checksums)
+from .hub_utils import (HubOptions, StagedFiles, atomic_write_json, push_folder, read_json_object,
+                        resolve_file)
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +108,7 @@ def _corrupted(path: Path, error: Exception) -> OSError:
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+  sniff_weights_file(path)
   try:
     with safetensors.safe_open(str(path), framework="numpy") as f:
       return {key.replace(".", "/"): f.get_tensor(key) for key in f.keys()}
@@ -113,16 +117,26 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_msgpack(path: Path) -> dict[str, np.ndarray]:
-  """Reads a flax msgpack file; every leaf keeps its stored dtype (fp16 and bf16 included)."""
+  """Reads a flax msgpack file; every leaf keeps its stored dtype (fp16 and bf16 included).
+
+  msgpack bounds what a hostile file can make it do: declared lengths are checked against the
+  bytes present and nesting stops at 1024 levels (StackError); deeper Python-level trees and
+  non-array leaves are refused here, all as the OSError of a damaged file.
+  """
+  sniff_weights_file(path)
   try:
     state = serialization.msgpack_restore(path.read_bytes())
+    if not isinstance(state, Mapping):
+      raise TypeError(f"expected a dict of arrays, got {type(state).__name__}")
+    if set(state) == {"params"}:  # some exports wrap the tree in {"params": ...}
+      state = state["params"]
+    flat = flatten_params(state)
+    for key, value in flat.items():
+      if not isinstance(value, (np.ndarray, np.generic)):
+        raise TypeError(f"expected array leaves, got {type(value).__name__} at {key!r}")
   except Exception as e:  # msgpack raises several unrelated exception types on bad input
     raise _corrupted(path, e) from None
-  if not isinstance(state, Mapping):
-    raise _corrupted(path, TypeError(f"expected a dict of arrays, got {type(state).__name__}"))
-  if set(state) == {"params"}:  # some exports wrap the tree in {"params": ...}
-    state = state["params"]
-  return {k: np.asarray(v) for k, v in flatten_params(state).items()}
+  return {k: np.asarray(v) for k, v in flat.items()}
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
@@ -160,6 +174,7 @@ def _inconsistent_index(index_path: Path, shard_path: Path, keys: list[str], hel
 
 def _read_safetensors_shard(index_path: Path, shard_path: Path, keys: list[str]) -> dict[str, np.ndarray]:
   """Reads exactly ``keys`` from one safetensors shard, as transformers and accelerate do."""
+  sniff_weights_file(shard_path)
   try:
     with safetensors.safe_open(str(shard_path), framework="numpy") as f:
       held = set(f.keys())
@@ -280,38 +295,59 @@ class FlaxPreTrainedModel:
 
   @classmethod
   def load_checkpoint(
-      cls, pretrained_model_name_or_path: str | os.PathLike, options: HubOptions
+      cls, pretrained_model_name_or_path: str | os.PathLike, options: HubOptions, *,
+      verify_checksums: bool = True,
   ) -> tuple[dict[str, np.ndarray], str]:
     """Reads the first weights file found (safetensors before msgpack); returns (flat, path).
 
     A sharded checkpoint is read through its index: each tensor from the shard the index's
     ``weight_map`` names for it (as transformers and accelerate read it), so an index that
-    disagrees with its shards is an error here too.
+    disagrees with its shards is an error here too, and so is a shard name that would leave the
+    folder. With ``verify_checksums`` and a ``checksums.sha256`` beside the weights (what
+    ``save_pretrained`` writes), every file read is checked against it first.
     """
     for name in _WEIGHT_FILES:
       path = resolve_file(pretrained_model_name_or_path, name, options, required=False)
       if path is None:
         continue
       if not name.endswith(".index.json"):
+        cls._verify(pretrained_model_name_or_path, options, {name: path}, verify_checksums)
         reader = _read_safetensors if name.endswith(".safetensors") else _read_msgpack
         return reader(path), str(path)
       read_shard = _read_safetensors_shard if name.startswith("model.") else _read_msgpack_shard
-      flat: dict[str, np.ndarray] = {}
-      for shard, keys in _shard_keys(_read_index(path)).items():
+      by_shard = _shard_keys(_read_index(path))
+      local = Path(pretrained_model_name_or_path).is_dir()
+      shard_paths: dict[str, Path] = {}
+      for shard, keys in by_shard.items():
+        contained_shard(path.parent, shard, path)
         try:
-          shard_path = resolve_file(pretrained_model_name_or_path, shard, options)
+          shard_paths[shard] = resolve_file(pretrained_model_name_or_path, shard, options)
         except FileNotFoundError as e:
           raise FileNotFoundError(
               f"The index {str(path)!r} maps {len(keys)} tensor(s) to the shard {shard!r}, which "
               f"could not be found: {e} Its tensors: {_some(keys)}. Save the model again, or "
               "re-download the whole checkpoint."
           ) from None
-        flat.update(read_shard(path, shard_path, keys))
+        if local:
+          within_folder(path.parent, shard_paths[shard], path)
+      cls._verify(pretrained_model_name_or_path, options, {name: path, **shard_paths}, verify_checksums)
+      flat: dict[str, np.ndarray] = {}
+      for shard, keys in by_shard.items():
+        flat.update(read_shard(path, shard_paths[shard], keys))
       return flat, str(path)
     raise FileNotFoundError(
         f"No weights found in {str(pretrained_model_name_or_path)!r}: expected one of "
         f"{list(_WEIGHT_FILES)}."
     )
+
+  @staticmethod
+  def _verify(pretrained_model_name_or_path: str | os.PathLike, options: HubOptions,
+              files: dict[str, Path], enabled: bool) -> None:
+    if not enabled:
+      return
+    manifest = resolve_file(pretrained_model_name_or_path, CHECKSUMS_NAME, options, required=False)
+    if manifest is not None:
+      verify_checksums(manifest, files)
 
   @classmethod
   def from_pretrained(
@@ -327,6 +363,7 @@ class FlaxPreTrainedModel:
       config: PreTrainedConfig | None = None,
       dtype: Any = jnp.float32,
       param_dtype: Any = None,
+      verify_checksums: bool = True,
       **config_kwargs: Any,
   ) -> FlaxPreTrainedModel:
     """Loads a model from a local folder or a Hub repo id.
@@ -339,6 +376,9 @@ class FlaxPreTrainedModel:
       config: use this config instead of the checkpoint's ``config.json``.
       dtype: computation dtype. param_dtype: cast floating parameters to this dtype (default:
         keep the stored dtype).
+      verify_checksums: check the weight files against the folder's ``checksums.sha256`` (written
+        by ``save_pretrained``) before parsing them; a changed byte is an OSError naming the file.
+        False skips the hashing (about 1 s per GB). Folders without the manifest load unchecked.
       **config_kwargs: override config attributes.
 
     Returns:
@@ -349,7 +389,7 @@ class FlaxPreTrainedModel:
                          subfolder=subfolder)
     if config is None:
       config = cls.load_config(pretrained_model_name_or_path, options, **config_kwargs)
-    flat, path = cls.load_checkpoint(pretrained_model_name_or_path, options)
+    flat, path = cls.load_checkpoint(pretrained_model_name_or_path, options, verify_checksums=verify_checksums)
     flat = cls.convert_checkpoint_params(flat, config)
     stored_dtypes = {np.dtype(v.dtype) for v in flat.values() if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16"}
     model = cls(
@@ -456,18 +496,24 @@ class FlaxPreTrainedModel:
         size = 0
       shards[-1][key] = value
       size += value.nbytes
-    if len(shards) == 1:
-      with atomic_write(folder / SAFE_WEIGHTS_NAME) as f:
-        f.write(safetensors.numpy.save(shards[0], metadata=metadata))
-      return {SAFE_WEIGHTS_NAME}
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-      with atomic_write(folder / name) as f:
-        f.write(safetensors.numpy.save(shard, metadata=metadata))
-    weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
-    total = int(sum(v.nbytes for v in tensors.values()))
-    atomic_write_json(folder / SAFE_INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    return {SAFE_INDEX_NAME, *names}
+    # Two phases: every file is written to a temporary name first (a full disk leaves the old
+    # save whole), then the old manifest goes, the files are renamed in, and the new manifest is
+    # written last. A process killed between the renames leaves weights without a manifest
+    # (loadable, unchecked), never new weights beside old checksums.
+    with StagedFiles(folder) as staged:
+      if len(shards) == 1:
+        staged.add(SAFE_WEIGHTS_NAME, safetensors.numpy.save(shards[0], metadata=metadata))
+      else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+          staged.add(name, safetensors.numpy.save(shard, metadata=metadata))
+        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+        total = int(sum(v.nbytes for v in tensors.values()))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        staged.add(SAFE_INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+      written = staged.commit(before_rename=lambda: (folder / CHECKSUMS_NAME).unlink(missing_ok=True))
+    write_checksums(folder, written, known=staged.sha256)
+    return written
 
   def model_card(self, repo_id: str) -> str:
     """Renders the model card (README.md) for ``repo_id`` from the class's template."""

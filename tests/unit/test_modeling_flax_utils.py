@@ -1,6 +1,7 @@
 """The Flax base class: save/load round trips, legacy msgpack, sharding, errors, push/pull."""
 
 import json
+import re
 from pathlib import Path
 
 import flax.linen as nn
@@ -87,7 +88,7 @@ def test_resave_removes_stale_shards(tmp_path, model):
   model.save_pretrained(tmp_path, max_shard_size=300)
   model.save_pretrained(tmp_path)
   names = sorted(p.name for p in tmp_path.iterdir())
-  assert names == ["config.json", "model.safetensors"]
+  assert names == ["checksums.sha256", "config.json", "model.safetensors"]
   assert_same_params(ToyModel.from_pretrained(tmp_path).params, model.params)
 
 
@@ -164,11 +165,14 @@ def test_truncated_or_corrupted_file(tmp_path, model, name):
   path = tmp_path / name
   data = path.read_bytes()
   path.write_bytes(data[: len(data) // 2])
+  if name == "model.safetensors":  # our save has a manifest: the checksum names the damage first
+    with pytest.raises(OSError, match=rf"{re.escape(name)}' is damaged: its sha256 is"):
+      ToyModel.from_pretrained(tmp_path)
   with pytest.raises(OSError, match="truncated or corrupted"):
-    ToyModel.from_pretrained(tmp_path)
+    ToyModel.from_pretrained(tmp_path, verify_checksums=False)
   path.write_bytes(b"\x00garbage" * 10)
   with pytest.raises(OSError, match="truncated or corrupted"):
-    ToyModel.from_pretrained(tmp_path)
+    ToyModel.from_pretrained(tmp_path, verify_checksums=False)
 
 
 def test_missing_files_and_bad_paths(tmp_path, model):

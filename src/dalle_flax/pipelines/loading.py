@@ -210,6 +210,7 @@ class DalleMiniPipelineModel:
       force_download: bool = False,
       dtype: Any = None,
       config: Any = None,
+      verify_checksums: bool = True,
       **kwargs: Any,
   ) -> DalleMiniPipelineModel | TextOnlyComponents:
     """Loads a single-folder pipeline or a text model repo plus its VQGAN.
@@ -225,6 +226,8 @@ class DalleMiniPipelineModel:
       cache_dir, token, local_files_only, force_download: Hub download settings.
       dtype: computation dtype of the text model (float32, bfloat16, float16; None / "auto":
         float32). Parameters keep the dtype they were stored in.
+      verify_checksums: check each model's weight files against the ``checksums.sha256`` that
+        ``save_pretrained`` writes beside them (False: skip the hashing, about 1 s per GB).
       config: ignored unless a :class:`DalleMiniConfig` (transformers' factory passes the config
         it read; the loader reads it again itself).
       **kwargs: only the loader keywords transformers' pipeline factory passes.
@@ -245,7 +248,7 @@ class DalleMiniPipelineModel:
       raise TypeError(
           f"{cls.__name__}.from_pretrained got unsupported keyword arguments {sorted(kwargs)}; "
           "accepted: vqgan, vqgan_revision, processor, revision, cache_dir, token, "
-          "local_files_only, force_download, dtype."
+          "local_files_only, force_download, dtype, verify_checksums."
       )
     path = os.fspath(pretrained_model_name_or_path)
     options = HubOptions(revision, cache_dir, token, local_files_only, force_download)
@@ -260,29 +263,31 @@ class DalleMiniPipelineModel:
       text_config = copy.deepcopy(pipeline_config.text_config)
       text_config.update(INFERENCE_LAYOUT)
       text_model = FlaxDalleMiniForConditionalGeneration.from_pretrained(
-          path, config=text_config, dtype=model_dtype, **hub)
+          path, config=text_config, dtype=model_dtype, verify_checksums=verify_checksums, **hub)
       if vqgan is None:
         vqgan = FlaxVQGANModel.from_pretrained(
-            path, subfolder=VQGAN_SUBFOLDER, config=pipeline_config.vqgan_config, **hub)
+            path, subfolder=VQGAN_SUBFOLDER, config=pipeline_config.vqgan_config,
+            verify_checksums=verify_checksums, **hub)
     else:
       known = _known_vqgan(path) if vqgan is None else None
       if vqgan is None and known is None and not from_factory:
         raise missing_vqgan_error(path, raw.get("model_type"))  # before reading gigabytes
       logger.info("Loading the text model %s", path)
       text_model = FlaxDalleMiniForConditionalGeneration.from_pretrained(
-          path, dtype=model_dtype, **INFERENCE_LAYOUT, **hub)
+          path, dtype=model_dtype, verify_checksums=verify_checksums, **INFERENCE_LAYOUT, **hub)
       if vqgan is None and known is None:
         processor = cls._load_processor(processor if processor is not None else path, hub)
         return TextOnlyComponents(text_model, processor, path)
       if vqgan is None:
         vqgan, vqgan_revision = known
         logger.info("Using %s's VQGAN %s @ %s", path, vqgan, vqgan_revision)
-    vqgan_model = cls._load_vqgan(vqgan, vqgan_revision, options)
+    vqgan_model = cls._load_vqgan(vqgan, vqgan_revision, options, verify_checksums)
     processor = cls._load_processor(processor if processor is not None else path, hub)
     return cls(text_model, vqgan_model, processor, name_or_path=path)
 
   @staticmethod
-  def _load_vqgan(vqgan: Any, revision: str | None, options: HubOptions) -> FlaxVQGANModel:
+  def _load_vqgan(vqgan: Any, revision: str | None, options: HubOptions,
+                  verify_checksums: bool = True) -> FlaxVQGANModel:
     if isinstance(vqgan, FlaxVQGANModel):
       return vqgan
     if not isinstance(vqgan, (str, os.PathLike)):
@@ -290,7 +295,8 @@ class DalleMiniPipelineModel:
                       f"{type(vqgan).__name__}.")
     return FlaxVQGANModel.from_pretrained(
         vqgan, revision=revision, cache_dir=options.cache_dir, token=options.token,
-        local_files_only=options.local_files_only, force_download=options.force_download)
+        local_files_only=options.local_files_only, force_download=options.force_download,
+        verify_checksums=verify_checksums)
 
   @staticmethod
   def _load_processor(processor: Any, hub: dict[str, Any]) -> DalleMiniProcessor:
