@@ -141,8 +141,12 @@ def read_checksums(path: str | os.PathLike) -> dict[str, str]:
   return sums
 
 
-def verify_checksums(manifest: str | os.PathLike, files: Mapping[str, str | os.PathLike]) -> None:
+def verify_checksums(manifest: str | os.PathLike, files: Mapping[str, str | os.PathLike], *,
+                     fix: str = "Delete it and download it again (force_download=True for a Hub repo) or save "
+                                "the model again; verify_checksums=False loads it unchecked.") -> None:
   """Checks each of ``files`` ({name in the manifest: path}) against ``manifest``.
+
+  ``fix`` ends the message of a damaged file (what the user can do about it).
 
   Raises:
     OSError: a file's sha256 differs from the manifest's (naming the file and both hashes), or
@@ -157,7 +161,5 @@ def verify_checksums(manifest: str | os.PathLike, files: Mapping[str, str | os.P
           "verify_checksums=False to load it unchecked.")
     got = sha256_file(path)
     if got != sums[name]:
-      raise OSError(
-          f"The weights file {str(path)!r} is damaged: its sha256 is {got}, but {str(manifest)!r} "
-          f"expects {sums[name]}. Delete it and download it again (force_download=True for a Hub "
-          "repo) or save the model again; verify_checksums=False loads it unchecked.")
+      raise OSError(f"The file {str(path)!r} is damaged: its sha256 is {got}, but {str(manifest)!r} "
+                    f"expects {sums[name]}. {fix}")
