@@ -100,6 +100,19 @@ def parse_size(size: int | str) -> int:
   return max(1, int(number * scale))
 
 
+def _memory_bytes() -> int:
+  """Physical memory of the host, or of the default device where it reports more (0: unknown)."""
+  try:
+    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    host = 0
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+  except Exception:  # noqa: BLE001 - CPU devices may not implement memory_stats
+    stats = {}
+  return max(int(host), int(stats.get("bytes_limit", 0)))
+
+
 def _corrupted(path: Path, error: Exception) -> OSError:
   return OSError(
       f"Could not read the weights file {str(path)!r}: it is truncated or corrupted ({error}). "
@@ -233,8 +246,23 @@ class FlaxPreTrainedModel:
     self.param_dtype = jnp.dtype(param_dtype)
     self.module = self.build_module()
     if params is None and _do_init:
+      self._check_fits_in_memory()
       params = self.init_weights(jax.random.key(seed))
     self._params = params
+
+  def _check_fits_in_memory(self) -> None:
+    """Refuses, before allocating, a config whose parameters alone exceed this machine's memory."""
+    leaves = jax.tree.leaves(self.params_shape_tree)  # shapes only: nothing is allocated
+    need = sum(int(np.prod(leaf.shape, dtype=np.float64)) * jnp.dtype(leaf.dtype).itemsize for leaf in leaves)
+    limit = _memory_bytes()
+    if limit and need > limit:
+      count = sum(int(np.prod(leaf.shape, dtype=np.float64)) for leaf in leaves)
+      raise ValueError(
+          f"{type(self).__name__} built from this config has {count:,} parameters ({need / 1e9:,.1f} GB "
+          f"as {self.param_dtype.name}), more than this machine's memory ({limit / 1e9:,.1f} GB). Check the "
+          "config's sizes (d_model, layer counts, vocabulary sizes, ffn dims), or pass "
+          "param_dtype='bfloat16' / load real weights with from_pretrained."
+      )
 
   # --- to implement in subclasses ---------------------------------------------------------
   def build_module(self) -> nn.Module:

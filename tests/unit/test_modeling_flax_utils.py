@@ -12,6 +12,7 @@ import pytest
 from flax import serialization
 from transformers import PreTrainedConfig
 
+from dalle_flax import modeling_flax_utils
 from dalle_flax.modeling_flax_utils import (
     FlaxPreTrainedModel,
     flatten_params,
@@ -268,3 +269,29 @@ def test_cached_sharded_model_loads_while_the_hub_is_unreachable(local_hub, mode
   assert_same_params(ToyModel.from_pretrained("tester/toy-sharded").params, model.params)
   with pytest.raises(OSError, match="Could not download 'config.json'"):
     ToyModel.from_pretrained("tester/never-cached")
+
+
+def test_config_bigger_than_memory_is_refused_before_allocation(monkeypatch):
+  """A config whose weights alone exceed the machine's memory fails fast, nothing allocated."""
+  import time
+
+  from dalle_flax import DalleBartConfig, FlaxDalleMiniForConditionalGeneration
+
+  huge = DalleBartConfig(d_model=16384, encoder_layers=64, decoder_layers=64, encoder_ffn_dim=65536,
+                         decoder_ffn_dim=65536, encoder_attention_heads=16, decoder_attention_heads=16)
+  start = time.perf_counter()
+  with pytest.raises(ValueError, match=r"parameters \([\d,.]+ GB as float32\), more than this machine's memory"):
+    FlaxDalleMiniForConditionalGeneration(huge)
+  assert time.perf_counter() - start < 30  # refused from the shapes, not after allocating
+
+  # the limit is the machine's: a small model is refused when the machine is smaller still ...
+  monkeypatch.setattr(modeling_flax_utils, "_memory_bytes", lambda: 1_000)
+  with pytest.raises(ValueError, match="more than this machine's memory"):
+    ToyModel(ToyConfig(width=64))
+  # ... and an unknown memory size (0) checks nothing
+  monkeypatch.setattr(modeling_flax_utils, "_memory_bytes", lambda: 0)
+  assert ToyModel(ToyConfig(width=64)).num_parameters() > 0
+
+
+def test_memory_bytes_reports_this_machine():
+  assert modeling_flax_utils._memory_bytes() > 2**30
