@@ -17,9 +17,11 @@ Routes (request and response bodies are the pydantic models below; ``/docs`` sho
 
 One generation runs at a time (:class:`~dalle_flax.web.jobs.GenerationQueue`); at most
 ``max_queue`` wait, more get 429 with ``Retry-After``. A field of the wrong type or out of range,
-or an unknown field, gets 422 naming the field; a body over :data:`MAX_BODY_BYTES` gets 413. A
-client that disconnects leaves the queue, and a running job of its stops at the next progress
-point.
+or an unknown field, gets 422 naming the field; a body that is not JSON gets 422 (or 400 when the
+JSON parser gives up, e.g. nesting too deep), a non-JSON ``Content-Type`` 415, and a body over
+:data:`MAX_BODY_BYTES` 413. Every JSON answer is ASCII (a lone surrogate the client sent is echoed
+escaped), and an echoed input is abridged (:func:`_abridge`). A client that disconnects leaves the
+queue, and a running job of its stops at the next progress point.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import email.message
 import io
 import json
 import math
@@ -34,12 +37,13 @@ from collections.abc import AsyncIterator, Mapping
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..generation.seeds import SEED_LIMIT
@@ -59,6 +63,7 @@ MAX_PROMPT_CHARS = 1000
 LEGACY_NUM_IMAGES = 9
 """Images per ``POST /generate`` call: the dalle-mini front-ends show a 3-column grid of 9."""
 _DISCONNECT_POLL_S = 0.25
+_ECHO_CHARS, _ECHO_ITEMS, _ECHO_DEPTH = 200, 20, 3  # how much of a bad input an error echoes
 
 
 class GenerateRequest(BaseModel):
@@ -129,6 +134,76 @@ def _model_info(name: str, pipe: Any) -> ModelInfo:
   defaults = {key: getattr(generation, key, None) for key in ("guidance_scale", "temperature", "top_k", "top_p")}
   return ModelInfo(name=name, image_size=[side, side], image_vocab_size=int(text_config.image_vocab_size),
                    defaults=defaults)
+
+
+class _JSONResponse(JSONResponse):
+  """JSON rendered as ASCII: a lone surrogate (valid in JSON text, not encodable as UTF-8) comes
+  back escaped instead of failing the encode (which was a 500), and NaN never leaves as a bare token."""
+
+  def render(self, content: Any) -> bytes:
+    return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _abridge(value: Any, depth: int = 0) -> Any:
+  """A bounded copy of a client's input for an error to echo: long strings cut, big or deep
+  containers described, non-finite floats as strings. Echoing it whole recursed once per nesting
+  level and a 64 KiB body of ``[[[...]]]`` 600 deep overflowed the stack (a 500)."""
+  if isinstance(value, str):
+    return value if len(value) <= _ECHO_CHARS else value[:_ECHO_CHARS] + f"... ({len(value)} characters)"
+  if isinstance(value, float) and not math.isfinite(value):
+    return repr(value)
+  if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+    return f"an integer of {value.bit_length()} bits"
+  if isinstance(value, (list, tuple, dict)):
+    kind = "an object with %d keys" if isinstance(value, dict) else "an array of length %d"
+    if depth >= _ECHO_DEPTH or len(value) > _ECHO_ITEMS:
+      return kind % len(value)
+    if isinstance(value, dict):
+      return {str(_abridge(key, depth + 1)): _abridge(item, depth + 1) for key, item in value.items()}
+    return [_abridge(item, depth + 1) for item in value]
+  return value if value is None or isinstance(value, (bool, int, float)) else repr(value)[:_ECHO_CHARS]
+
+
+def _has_surrogate(text: str) -> bool:
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return True
+  return False
+
+
+def _validation_errors(error: RequestValidationError) -> list[dict[str, Any]]:
+  """pydantic's errors, each input abridged; a key with a lone surrogate (pydantic reports it with
+  an empty location) gets its own location, so the answer names it."""
+  errors = []
+  for item in error.errors():
+    item = {**item, "input": _abridge(item.get("input"))}
+    if item.get("type") == "string_unicode":
+      item["msg"] = "Input should be valid Unicode text: lone surrogates (\\ud800-\\udfff) have no UTF-8 form"
+      body = getattr(error, "body", None)
+      if tuple(item.get("loc", ())) == ("body",) and isinstance(body, dict):
+        bad = [key for key in body if isinstance(key, str) and _has_surrogate(key)]
+        errors += [{**item, "loc": ("body", key), "input": _abridge(body[key])} for key in bad]
+        if bad:
+          continue
+    errors.append(item)
+  return jsonable_encoder(errors)
+
+
+async def _json_content_type(request: Request) -> None:
+  """415 for a body whose Content-Type is not JSON (it was a 422 "not a dictionary" before)."""
+  content_type = request.headers.get("content-type")
+  if content_type is not None:
+    message = email.message.Message()
+    message["content-type"] = content_type
+    if message.get_content_maintype() == "application":
+      subtype = message.get_content_subtype()
+      if subtype == "json" or subtype.endswith("+json"):
+        return
+  if not await request.body():
+    return  # no body at all: the 422 "Field required" says more
+  raise HTTPException(415, f"expected a JSON body with Content-Type: application/json, got "
+                           f"{'no Content-Type' if content_type is None else repr(content_type[:_ECHO_CHARS])}")
 
 
 class _BodyLimit:
@@ -204,27 +279,42 @@ def create_app(pipes: Mapping[str, Any] | Any, *, max_queue: int = 8, progress_e
     queue.close()
 
   app = FastAPI(title="dalle-flax demo", version="1", summary="Text to image with DALL·E mini models",
-                docs_url="/docs", redoc_url=None, lifespan=lifespan)
+                docs_url="/docs", redoc_url=None, lifespan=lifespan, default_response_class=_JSONResponse)
   app.state.queue = queue
 
   @app.exception_handler(RequestValidationError)
   async def invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:
-    # FastAPI's own handler, except that a NaN/Infinity the client sent is echoed as a string
-    # (JSON has no such numbers: echoing them as floats would fail to serialise, a 500)
-    return JSONResponse({"detail": _json_safe(jsonable_encoder(error.errors()))}, status_code=422)
+    # FastAPI's own handler, except that the inputs echoed are abridged (NaN/Infinity as strings:
+    # JSON has no such numbers) and the answer is ASCII (see _JSONResponse)
+    return _JSONResponse({"detail": _validation_errors(error)}, status_code=422)
+
+  @app.exception_handler(StarletteHTTPException)
+  async def http_error(_request: Request, error: StarletteHTTPException) -> Response:
+    # FastAPI's own handler, rendered as ASCII; its 400 for a body the JSON parser gave up on
+    # (nesting deeper than the recursion limit, an integer of over 4300 digits, bytes that are
+    # not UTF-8) says why
+    detail = error.detail
+    cause = error.__cause__
+    if error.status_code == 400 and detail == "There was an error parsing the body" and cause is not None:
+      why = "it nests too deeply" if isinstance(cause, RecursionError) else f"{type(cause).__name__}: {cause}"
+      detail = f"the body is not JSON this server can parse: {why[:_ECHO_CHARS]}"
+    if error.status_code in (204, 304) or error.status_code < 200:
+      return Response(status_code=error.status_code, headers=error.headers)
+    return _JSONResponse({"detail": detail}, status_code=error.status_code, headers=error.headers)
   app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
   app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
   def pipeline_kwargs(body: GenerateRequest, default_images: int = 1) -> tuple[str, dict[str, Any]]:
     name = body.model or default_model
+    errors = []
     if name not in pipes:
-      raise HTTPException(422, [{"loc": ["body", "model"], "type": "value_error", "input": name,
-                                 "msg": f"expected one of {list(pipes)}, got {name!r}"}])
-    vocab = infos[name].image_vocab_size
-    if body.top_k is not None and body.top_k > vocab:
-      raise HTTPException(422, [{"loc": ["body", "top_k"], "type": "less_than_equal", "input": body.top_k,
-                                 "msg": f"expected at most the image vocabulary of {name!r} ({vocab}), "
-                                        f"got {body.top_k}"}])
+      errors.append({"loc": ["body", "model"], "type": "value_error", "input": _abridge(name),
+                     "msg": f"expected one of {list(pipes)}, got {_abridge(name)!r}"})
+    elif body.top_k is not None and body.top_k > (vocab := infos[name].image_vocab_size):
+      errors.append({"loc": ["body", "top_k"], "type": "less_than_equal", "input": body.top_k,
+                     "msg": f"expected at most the image vocabulary of {name!r} ({vocab}), got {body.top_k}"})
+    if errors:
+      raise HTTPException(422, errors)
     kwargs = {"prompt": body.prompt, "num_images_per_prompt": body.num_images or default_images,
               **{key: getattr(body, key) for key in ("seed", "guidance_scale", "temperature", "top_k", "top_p")}}
     return name, kwargs
@@ -261,6 +351,8 @@ def create_app(pipes: Mapping[str, Any] | Any, *, max_queue: int = 8, progress_e
       raise HTTPException(500, payload["error"])
     return payload
 
+  json_body = Depends(_json_content_type)
+
   @app.get("/", response_class=HTMLResponse, include_in_schema=False)
   async def index() -> HTMLResponse:
     return HTMLResponse(page, headers={"Cache-Control": "no-store"})
@@ -280,20 +372,20 @@ def create_app(pipes: Mapping[str, Any] | Any, *, max_queue: int = 8, progress_e
   async def models() -> list[ModelInfo]:
     return list(infos.values())
 
-  @app.post("/api/generate", response_model=GenerateResponse)
+  @app.post("/api/generate", response_model=GenerateResponse, dependencies=[json_body])
   async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     name, kwargs = pipeline_kwargs(body)
     result = await run_to_end(request, name, kwargs)
     return GenerateResponse(images=[_png_base64(image) for image in result["images"]], seeds=result["seeds"],
                             elapsed_s=result["elapsed_s"], model=result["model"])
 
-  @app.post("/generate", response_model=LegacyGenerateResponse)
+  @app.post("/generate", response_model=LegacyGenerateResponse, dependencies=[json_body])
   async def legacy_generate(body: GenerateRequest, request: Request) -> LegacyGenerateResponse:
     name, kwargs = pipeline_kwargs(body, default_images=LEGACY_NUM_IMAGES)
     result = await run_to_end(request, name, kwargs)
     return LegacyGenerateResponse(images=[_png_base64(image) for image in result["images"]], version=name)
 
-  @app.post("/api/generate/stream", response_class=StreamingResponse,
+  @app.post("/api/generate/stream", response_class=StreamingResponse, dependencies=[json_body],
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "event: queued | progress | done | error, data: JSON"}})
   async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
@@ -322,16 +414,6 @@ def create_app(pipes: Mapping[str, Any] | Any, *, max_queue: int = 8, progress_e
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
   return app
-
-
-def _json_safe(value: Any) -> Any:
-  if isinstance(value, float) and not math.isfinite(value):
-    return repr(value)
-  if isinstance(value, dict):
-    return {key: _json_safe(item) for key, item in value.items()}
-  if isinstance(value, list):
-    return [_json_safe(item) for item in value]
-  return value
 
 
 def _encode_event(event: str, payload: dict[str, Any]) -> dict[str, Any]:
