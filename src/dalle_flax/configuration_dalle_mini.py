@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
 
+from .configuration_utils import CheckedConfigMixin, check_finite_positive, check_positive_ints, check_rates
+
 logger = logging.getLogger(__name__)
 
 LN_POSITIONS = ("normformer", "swinv2", "cogview", "postln", "preln", "subln")
@@ -46,8 +48,18 @@ ACTIVATIONS = (
 )
 
 
+MAX_LAYERS = 256
+"""Upper bound on ``encoder_layers`` / ``decoder_layers``: far beyond any real model (mega has
+24), low enough that building an unscanned model from a hostile config traces in bounded time."""
+
+# sizes that must be integers >= 1
+_SIZES = ("encoder_vocab_size", "image_vocab_size", "image_length", "max_text_length", "encoder_layers",
+          "decoder_layers", "encoder_ffn_dim", "decoder_ffn_dim", "encoder_attention_heads",
+          "decoder_attention_heads", "d_model", "sinkhorn_iters")
+
+
 @strict
-class DalleBartConfig(PreTrainedConfig):
+class DalleBartConfig(CheckedConfigMixin, PreTrainedConfig):
   r"""Configuration of :class:`~dalle_flax.FlaxDalleMiniForConditionalGeneration`.
 
   Keys of the original DalleBart (reference §2.2; defaults are the original ones):
@@ -81,6 +93,7 @@ class DalleBartConfig(PreTrainedConfig):
   """
 
   model_type: ClassVar[str] = "dallebart"
+  _pipeline_key: ClassVar[str] = "text_config"
   attribute_map: ClassVar[dict[str, str]] = {
     "num_attention_heads": "encoder_attention_heads",
     "hidden_size": "d_model",
@@ -163,6 +176,28 @@ class DalleBartConfig(PreTrainedConfig):
     self._check_dalle_bart()
 
   def _check_dalle_bart(self) -> None:
+    check_positive_ints(self, _SIZES)
+    for name in ("encoder_layers", "decoder_layers"):
+      if getattr(self, name) > MAX_LAYERS:
+        raise ValueError(f"{name} must be at most {MAX_LAYERS} (mega has 24), got {getattr(self, name)}")
+    check_rates(self, ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop",
+                       "decoder_layerdrop"))
+    check_finite_positive(self, ("init_std",), allow_zero=True)
+    check_finite_positive(self, ("tau_init",))
+    for key, length in (("encoder_max_position_embeddings", "max_text_length"),
+                        ("decoder_max_position_embeddings", "image_length")):
+      value = getattr(self, key)
+      if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                or value < getattr(self, length)):
+        raise ValueError(
+            f"{key} must be None or an integer >= {length}={getattr(self, length)}, got {value!r}"
+        )
+    start = self.decoder_start_token_id
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= self.image_vocab_size:
+      raise ValueError(
+          f"decoder_start_token_id must be a row of the decoder embedding, 0..image_vocab_size="
+          f"{self.image_vocab_size}, got {start!r}"
+      )
     positions = LN_POSITIONS + tuple(LN_POSITION_ALIASES)
     if self.ln_positions not in positions:
       raise ValueError(
@@ -189,13 +224,11 @@ class DalleBartConfig(PreTrainedConfig):
         "tie_word_embeddings=True has no meaning for DalleBart (encoder and decoder vocabularies "
         "differ and lm_head is a separate Dense); set tie_word_embeddings=False"
       )
-    if self.sinkhorn_iters < 1:
-      raise ValueError(f"sinkhorn_iters must be >= 1, got {self.sinkhorn_iters}")
-    if self.position_embedding_offset < 0:
+    if isinstance(self.position_embedding_offset, bool) or self.position_embedding_offset < 0:
       raise ValueError(f"position_embedding_offset must be >= 0, got {self.position_embedding_offset}")
     for side in ("encoder", "decoder"):
       heads = getattr(self, f"{side}_attention_heads")
-      if heads <= 0 or self.d_model % heads:
+      if self.d_model % heads:
         raise ValueError(
           f"d_model={self.d_model} must be a positive multiple of {side}_attention_heads={heads}"
         )

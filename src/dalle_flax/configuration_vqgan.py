@@ -10,19 +10,24 @@ released ``vqgan_imagenet_f16_16384`` values: 256x256 images <-> 16x16 = 256 cod
 """
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
+
+from .configuration_utils import CheckedConfigMixin
 
 logger = logging.getLogger(__name__)
 
 GROUP_NORM_GROUPS = 32
 """The released VQGANs' GroupNorm group count (taming-transformers): the ``norm_num_groups`` default."""
+MAX_RES_BLOCKS, MAX_LEVELS = 16, 12
+"""Upper bounds on ``num_res_blocks`` and ``len(ch_mult)``: far beyond any real VQGAN, and low
+enough that building a model from a hostile config cannot spend minutes tracing modules."""
 
 
 @strict
-class VQGANConfig(PreTrainedConfig):
+class VQGANConfig(CheckedConfigMixin, PreTrainedConfig):
   r"""Configuration of a VQGAN (encoder, vector quantizer, decoder).
 
   Args:
@@ -52,6 +57,7 @@ class VQGANConfig(PreTrainedConfig):
   """
 
   model_type = "vqgan"
+  _pipeline_key: ClassVar[str] = "vqgan_config"
 
   ch: int = 128
   out_ch: int = 3
@@ -107,6 +113,12 @@ class VQGANConfig(PreTrainedConfig):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+    # structural counts: each is a traced Python loop, so a typo of 10**6 would hang a load
+    for name, value, most in (("num_res_blocks", self.num_res_blocks, MAX_RES_BLOCKS),
+                              ("len(ch_mult)", len(self.ch_mult), MAX_LEVELS)):
+      if value > most:
+        raise ValueError(f"{name} must be at most {most} (the released VQGAN has 2 res blocks and 5 "
+                         f"levels), got {value}")
 
   def validate_channel_layout(self) -> None:
     """ch_mult must be non-empty positive integers, every level's channels divisible by the groups."""

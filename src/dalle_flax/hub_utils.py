@@ -236,8 +236,10 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
   """Reads a JSON file that must hold an object (config files); clear errors otherwise."""
   try:
     content = json.loads(Path(path).read_text(encoding="utf-8"))
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{str(path)!r} is not valid JSON ({e}); re-save or re-download it.") from None
+  except RecursionError:  # json's decoder on very deep nesting
+    raise ValueError(f"{str(path)!r} nests too deeply to be a config file; re-save or re-download it.") from None
   if not isinstance(content, dict):
     raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(content).__name__}.")
   return content

@@ -296,8 +296,20 @@ class FlaxPreTrainedModel:
 
   @property
   def params_shape_tree(self) -> dict[str, Any]:
-    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, without allocating anything."""
-    return jax.eval_shape(self.init_weights, jax.random.key(0))
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, without allocating anything.
+
+    A config whose sizes cannot even be traced (a tensor of more than 2**63 elements) is a
+    ValueError naming the config, not the TypeError/OverflowError jax raises deep inside.
+    """
+    try:
+      return jax.eval_shape(self.init_weights, jax.random.key(0))
+    except (TypeError, OverflowError, ValueError) as e:
+      message = " ".join(str(e).split("\n")[0].split())[:300]
+      raise ValueError(
+          f"{type(self).__name__} cannot be built from this {type(self.config).__name__}: its sizes give "
+          f"tensors jax cannot shape ({type(e).__name__}: {message}). Check the config's sizes "
+          "(d_model, channel counts, embed_dim, vocabulary sizes, ffn dims)."
+      ) from e
 
   def num_parameters(self, params: Mapping[str, Any] | None = None) -> int:
     """Counts parameters of ``params`` (default: the model's, or its shape tree)."""

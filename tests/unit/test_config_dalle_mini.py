@@ -128,7 +128,7 @@ def test_autoconfig_resolves_dallebart():
         ({"activation_function": "gelu_42"}, r"activation_function='gelu_42'.*expected one of"),
         ({"d_model": 100, "encoder_attention_heads": 16}, r"d_model=100 must be a positive multiple of encoder_attention_heads=16"),
         ({"tie_word_embeddings": True}, r"tie_word_embeddings=True"),
-        ({"sinkhorn_iters": 0}, r"sinkhorn_iters must be >= 1, got 0"),
+        ({"sinkhorn_iters": 0}, r"sinkhorn_iters must be a positive integer, got 0"),
     ],
 )
 def test_invalid_values_raise_clear_errors(kwargs, match):

@@ -17,13 +17,14 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, PreTrainedConfig
 
 from ..configuration_dalle_mini import DalleBartConfig
+from ..configuration_utils import CheckedConfigMixin
 from ..configuration_vqgan import VQGANConfig
 
 __all__ = ["DalleMiniConfig", "register"]
 
 
 @strict
-class DalleMiniConfig(PreTrainedConfig):
+class DalleMiniConfig(CheckedConfigMixin, PreTrainedConfig):
   r"""Configuration of a whole DALL·E mini text-to-image pipeline (text model + VQGAN).
 
   Args:
