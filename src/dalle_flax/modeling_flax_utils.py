@@ -453,9 +453,14 @@ class FlaxPreTrainedModel:
         for k in set(expected) & set(flat)
         if tuple(flat[k].shape) != tuple(expected[k].shape)
     )
+    mismatched += sorted(  # an int/bool/complex array where the model has float weights
+        f"{k}: checkpoint dtype {flat[k].dtype} vs model {jnp.dtype(expected[k].dtype)} (expected a float dtype)"
+        for k in set(expected) & set(flat)
+        if jnp.issubdtype(expected[k].dtype, jnp.floating) and not jnp.issubdtype(flat[k].dtype, jnp.floating)
+    )
     if missing or unexpected or mismatched:
       lines = [f"Checkpoint {path!r} does not match {type(self).__name__} built from its config:"]
-      for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+      for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape or dtype", mismatched)):
         if items:
           lines.append(f"  {len(items)} {title} parameter(s):")
           lines.extend(f"    {item}" for item in items)
