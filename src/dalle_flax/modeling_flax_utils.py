@@ -448,16 +448,15 @@ class FlaxPreTrainedModel:
     expected = flatten_params(self.params_shape_tree)
     missing = sorted(set(expected) - set(flat))
     unexpected = sorted(set(flat) - set(expected))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(flat[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(flat)
-        if tuple(flat[k].shape) != tuple(expected[k].shape)
-    )
-    mismatched += sorted(  # an int/bool/complex array where the model has float weights
-        f"{k}: checkpoint dtype {flat[k].dtype} vs model {jnp.dtype(expected[k].dtype)} (expected a float dtype)"
-        for k in set(expected) & set(flat)
-        if jnp.issubdtype(expected[k].dtype, jnp.floating) and not jnp.issubdtype(flat[k].dtype, jnp.floating)
-    )
+    mismatched = []
+    for k in sorted(set(expected) & set(flat)):
+      stored, wanted = flat[k], expected[k]
+      if tuple(stored.shape) != tuple(wanted.shape):
+        mismatched.append(f"{k}: checkpoint {tuple(stored.shape)} vs model {tuple(wanted.shape)}")
+      if jnp.issubdtype(wanted.dtype, jnp.floating) and not jnp.issubdtype(stored.dtype, jnp.floating):
+        # an int/bool/complex array where the model has float weights
+        mismatched.append(f"{k}: checkpoint dtype {stored.dtype} vs model {jnp.dtype(wanted.dtype)} "
+                          "(expected a float dtype)")
     if missing or unexpected or mismatched:
       lines = [f"Checkpoint {path!r} does not match {type(self).__name__} built from its config:"]
       for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape or dtype", mismatched)):

@@ -18,7 +18,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from fuzzing import DEFAULT_EXAMPLES, SLOW_EXAMPLES, fuzz_settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 from transformers import AutoConfig
 
@@ -35,9 +36,6 @@ TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-dalle-mini"
 PIPELINE_DICT = json.loads((TINY / "config.json").read_text())
 TEXT_DICT = PIPELINE_DICT["text_config"]
 VQGAN_DICT = PIPELINE_DICT["vqgan_config"]
-DEFAULT_EXAMPLES, SLOW_EXAMPLES = 1_000, 9_000
-_SETTINGS = dict(deadline=None, derandomize=True, database=None,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 SCALARS = st.one_of(
     st.none(), st.booleans(),
@@ -143,25 +141,24 @@ def _run(tmp_path_factory, target: str, content: bytes) -> None:
   _check_loads(folder, content, cls, via_auto=True)
 
 
-@pytest.mark.parametrize("target", sorted(TARGETS))
-def test_fuzz_config_files(tmp_path_factory, target):
-  @settings(max_examples=DEFAULT_EXAMPLES, **_SETTINGS)
+def _fuzz(tmp_path_factory, target: str, examples: int) -> None:
+  @fuzz_settings(examples, HealthCheck.function_scoped_fixture)
   @given(_config_texts(TARGETS[target][1]))
   def run(content):
     _run(tmp_path_factory, target, content)
 
   run()
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_fuzz_config_files(tmp_path_factory, target):
+  _fuzz(tmp_path_factory, target, DEFAULT_EXAMPLES)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_fuzz_config_files_slow(tmp_path_factory, target):
-  @settings(max_examples=SLOW_EXAMPLES, **_SETTINGS)
-  @given(_config_texts(TARGETS[target][1]))
-  def run(content):
-    _run(tmp_path_factory, target, content)
-
-  run()
+  _fuzz(tmp_path_factory, target, SLOW_EXAMPLES)
 
 
 # --- absurd sizes: refused from the shape tree, before anything is allocated ------------------
@@ -212,14 +209,14 @@ def _check_size_guard(config_cls, model_cls, config_dict) -> None:
   assert time.perf_counter() - start < 20
 
 
-@settings(max_examples=40, **_SETTINGS)
+@fuzz_settings(40, HealthCheck.function_scoped_fixture)
 @given(_sized_configs())
 def test_fuzz_absurd_sizes_are_refused_before_allocation(case):
   _check_size_guard(*case)
 
 
 @pytest.mark.slow
-@settings(max_examples=400, **_SETTINGS)
+@fuzz_settings(400, HealthCheck.function_scoped_fixture)
 @given(_sized_configs())
 def test_fuzz_absurd_sizes_are_refused_before_allocation_slow(case):
   _check_size_guard(*case)

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from fuzzing import DEFAULT_EXAMPLES, SLOW_EXAMPLES, fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from dalle_flax import DalleMiniProcessor
 from dalle_flax.text_normalization import TextNormalizer
 
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-dalle-mini"
-DEFAULT_EXAMPLES, SLOW_EXAMPLES = 1_000, 9_000
 
 # every code point, lone surrogates and control characters included (hypothesis leaves out
 # surrogates unless told)
@@ -58,31 +58,27 @@ def _check_processed(processor, prompts):
   assert (np.diff(mask, axis=1) <= 0).all()  # the mask is a prefix of ones
 
 
-_SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow],
-                 database=None)
-
-
-@settings(max_examples=DEFAULT_EXAMPLES, **_SETTINGS)
+@fuzz_settings(DEFAULT_EXAMPLES)
 @given(TEXTS)
 def test_normalizer_takes_any_text(normalizer, text):
   _check_normalized(normalizer, text)
 
 
-@settings(max_examples=DEFAULT_EXAMPLES, **_SETTINGS)
+@fuzz_settings(DEFAULT_EXAMPLES)
 @given(st.lists(TEXTS, min_size=1, max_size=3))
 def test_processor_takes_any_prompts(processor, prompts):
   _check_processed(processor, prompts)
 
 
 @pytest.mark.slow
-@settings(max_examples=SLOW_EXAMPLES, **_SETTINGS)
+@fuzz_settings(SLOW_EXAMPLES)
 @given(TEXTS)
 def test_normalizer_takes_any_text_slow(normalizer, text):
   _check_normalized(normalizer, text)
 
 
 @pytest.mark.slow
-@settings(max_examples=SLOW_EXAMPLES, **_SETTINGS)
+@fuzz_settings(SLOW_EXAMPLES)
 @given(st.lists(TEXTS, min_size=1, max_size=3))
 def test_processor_takes_any_prompts_slow(processor, prompts):
   _check_processed(processor, prompts)

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from fuzzing import DEFAULT_EXAMPLES, SLOW_EXAMPLES, fuzz_settings
+from hypothesis import HealthCheck, event, given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -39,7 +40,6 @@ from dalle_flax import web  # noqa: E402
 
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-dalle-mini"
 MODEL, VOCAB, IMAGE_LENGTH, SIDE = str(TINY), 64, 16, 64
-DEFAULT_EXAMPLES, SLOW_EXAMPLES = 1_000, 9_000
 REQUEST_TIMEOUT_S = 30.0
 # Hypothesis raises the recursion limit by 2000 while a test runs, and the limit is the whole
 # process's: the server thread too. Under it a body nested 600 deep echoed fine, while a real
@@ -387,19 +387,17 @@ def _run_get_example(server, path, query):
   _wait_idle(client)
 
 
-_SETTINGS = dict(deadline=None, derandomize=True, database=None,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                        HealthCheck.filter_too_much])
+_SUPPRESS = (HealthCheck.data_too_large, HealthCheck.filter_too_much)
 
 
 @pytest.mark.parametrize("path", POST_ROUTES)
-@settings(max_examples=DEFAULT_EXAMPLES, **_SETTINGS)
+@fuzz_settings(DEFAULT_EXAMPLES, *_SUPPRESS)
 @given(request=REQUESTS)
 def test_post_route_answers_any_body(server, path, request):
   event(f"status {run_example(server, path, request)}")
 
 
-@settings(max_examples=DEFAULT_EXAMPLES, **_SETTINGS)
+@fuzz_settings(DEFAULT_EXAMPLES, *_SUPPRESS)
 @given(target=GET_REQUESTS)
 def test_get_routes_answer_any_path_and_query(server, target):
   run_get_example(server, *target)
@@ -407,14 +405,14 @@ def test_get_routes_answer_any_path_and_query(server, target):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", POST_ROUTES)
-@settings(max_examples=SLOW_EXAMPLES, **_SETTINGS)
+@fuzz_settings(SLOW_EXAMPLES, *_SUPPRESS)
 @given(request=REQUESTS)
 def test_post_route_answers_any_body_slow(server, path, request):
   event(f"status {run_example(server, path, request)}")
 
 
 @pytest.mark.slow
-@settings(max_examples=SLOW_EXAMPLES, **_SETTINGS)
+@fuzz_settings(SLOW_EXAMPLES, *_SUPPRESS)
 @given(target=GET_REQUESTS)
 def test_get_routes_answer_any_path_and_query_slow(server, target):
   run_get_example(server, *target)

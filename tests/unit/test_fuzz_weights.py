@@ -23,15 +23,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from flax import serialization
-from hypothesis import HealthCheck, given, settings
+from fuzzing import DEFAULT_EXAMPLES, SLOW_EXAMPLES, fuzz_settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from dalle_flax import modeling_flax_utils
 
-DEFAULT_EXAMPLES, SLOW_EXAMPLES = 1_000, 9_000
 PEAK_BYTES = 64 * 2**20
-_SETTINGS = dict(deadline=None, derandomize=True, database=None,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 _rng = np.random.default_rng(0)
 TENSORS = {
@@ -128,7 +126,7 @@ def _fuzz(tmp_path, target: str, examples: int) -> None:
   name, original, reader, is_safetensors = TARGETS[target]
   seen = []
 
-  @settings(max_examples=examples, **_SETTINGS)
+  @fuzz_settings(examples, HealthCheck.function_scoped_fixture)
   @given(_damaged(original, safetensors_file=is_safetensors))
   def run(content):
     seen.append(len(content))
@@ -138,16 +136,14 @@ def _fuzz(tmp_path, target: str, examples: int) -> None:
   assert len(seen) >= examples, f"hypothesis ran {len(seen)} of {examples} examples"
 
 
-def test_the_undamaged_files_read_back():
-  import tempfile
-  with tempfile.TemporaryDirectory() as folder:
-    for name, original, reader, _ in TARGETS.values():
-      (Path(folder) / name).write_bytes(original)
-      flat = reader(Path(folder) / name)
-      assert sorted(flat) == sorted(TENSORS)
-      for key, value in TENSORS.items():
-        np.testing.assert_array_equal(flat[key], value)
-        assert flat[key].dtype == value.dtype
+def test_the_undamaged_files_read_back(tmp_path):
+  for name, original, reader, _ in TARGETS.values():
+    (tmp_path / name).write_bytes(original)
+    flat = reader(tmp_path / name)
+    assert sorted(flat) == sorted(TENSORS)
+    for key, value in TENSORS.items():
+      np.testing.assert_array_equal(flat[key], value)
+      assert flat[key].dtype == value.dtype
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
@@ -217,7 +213,7 @@ def _fuzz_model(tiny_model, examples: int) -> None:
   model, flat = tiny_model
   keys = sorted(flat)
 
-  @settings(max_examples=examples, **_SETTINGS)
+  @fuzz_settings(examples, HealthCheck.function_scoped_fixture)
   @given(_changed_tensors(keys))
   def run(changes):
     changed = _apply(flat, changes)
